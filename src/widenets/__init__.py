@@ -1,0 +1,47 @@
+"""widenets: infinitely wide neural networks in PyTorch.
+
+Exact NNGP and NTK kernels of an architecture, its finite-width twin as a
+``torch.nn.Module``, Monte Carlo estimates of its kernels, the empirical kernels of
+any module, and the predictions of the infinitely wide network.
+"""
+
+from . import predict
+from .empirical import empirical_nngp, empirical_ntk
+from .kernel import Kernel, Kernels
+from .layers import (
+    GELU,
+    ABReLU,
+    Abs,
+    Cos,
+    Elementwise,
+    Erf,
+    FanInConcat,
+    FanInProd,
+    FanInSum,
+    FanOut,
+    Identity,
+    Layer,
+    LayerNorm,
+    LeakyReLU,
+    Linear,
+    Parallel,
+    Rbf,
+    RectifiedMonomial,
+    ReLU,
+    Residual,
+    Sequential,
+    Sign,
+    Sin,
+    Step,
+)
+from .monte_carlo import monte_carlo_kernel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABReLU", "Abs", "Cos", "Elementwise", "Erf", "FanInConcat", "FanInProd", "FanInSum",
+    "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer", "LayerNorm", "LeakyReLU",
+    "Linear", "Parallel", "Rbf", "RectifiedMonomial", "ReLU", "Residual", "Sequential",
+    "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",
+    "predict", "__version__",
+]

@@ -1,0 +1,220 @@
+r"""Gaussian expectations ``E[f(u) g(v)]`` for ``(u, v) ~ N(0, [[q1, c], [c, q2]])``.
+
+These are the NNGP maps (``f = g = phi``) and the NTK derivative maps
+(``f = g = phi'``) of elementwise activations: closed forms where they exist,
+Gauss--Hermite quadrature for any other function. Every function takes tensors
+that broadcast against each other: the variances ``q1``, ``q2``, the covariance
+``c`` and the correlation ``rho = c / sqrt(q1 q2)`` (see :func:`correlation`), so
+that the caller computes ``rho`` once and can set it to exactly 1 on a diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+def correlation(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+    """``rho = c / sqrt(q1 q2)`` clipped into [-1, 1]; 0 where a variance is 0."""
+    prod = q1 * q2
+    positive = prod > 0
+    rho = c / torch.sqrt(torch.where(positive, prod, torch.ones_like(prod)))
+    return torch.where(positive, rho.clamp(-1.0, 1.0), torch.zeros_like(rho))
+
+
+def snapped_correlation(q1: Tensor, q2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rho, c)`` with correlations within rounding of +-1 set to exactly +-1.
+
+    Two identical inputs reach a layer with ``c = sqrt(q1 q2) (1 +- few eps)``, not
+    exactly, because the covariance and the variances are summed in different orders.
+    In a chaotic regime deep networks amplify that rounding noise exponentially, so
+    such correlations (within ``16 eps`` of +-1) are snapped to +-1 and ``c`` to
+    ``+-sqrt(q1 q2)``: a change within rounding, which keeps identical inputs identical.
+    """
+    rho = correlation(q1, q2, c)
+    tolerance = 16 * torch.finfo(rho.dtype).eps
+    snap = (1.0 - rho.abs()) <= tolerance
+    if bool(snap.any()):
+        rho = torch.where(snap, torch.sign(rho), rho)
+        c = torch.where(snap, rho * torch.sqrt(q1 * q2), c)
+    return rho, c
+
+
+def _sin_angle(rho: Tensor) -> Tensor:
+    """``sin(arccos(rho)) = sqrt((1 - rho)(1 + rho))``, accurate near |rho| = 1."""
+    return torch.sqrt(((1.0 - rho) * (1.0 + rho)).clamp_min(0.0))
+
+
+def arc_cosine_j(order: int, rho: Tensor) -> Tensor:
+    r"""The angular part ``J_n(theta)`` of the arc-cosine kernel (Cho & Saul 2009).
+
+    ``E[relu(u)^n relu(v)^n] = (q1 q2)^{n/2} J_n(theta) / (2 pi)`` with
+    ``theta = arccos(rho)``. ``J_0 = pi - theta``,
+    ``J_1 = sin(theta) + (pi - theta) cos(theta)`` and, for ``n >= 2``, the
+    recurrence ``J_n = (2n - 1) cos(theta) J_{n-1} + (n - 1)^2 sin(theta)^2 J_{n-2}``
+    (which follows from differentiating the closed form of Cho & Saul, eq. (4)).
+    At ``theta = 0`` it gives ``J_n(0) = pi (2n - 1)!!`` exactly.
+    """
+    theta = torch.arccos(rho)
+    j_prev = math.pi - theta
+    if order == 0:
+        return j_prev
+    sin_t = _sin_angle(rho)
+    j_curr = sin_t + j_prev * rho
+    sin_sq = sin_t * sin_t
+    for n in range(2, order + 1):
+        j_prev, j_curr = j_curr, (2 * n - 1) * rho * j_curr + (n - 1) ** 2 * sin_sq * j_prev
+    return j_curr
+
+
+def rectified_monomial_moments(order: int, q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
+    r"""``E[max(u,0)^n max(v,0)^n] = (q1 q2)^{n/2} J_n(theta) / (2 pi)`` (Cho & Saul 2009)."""
+    angular = arc_cosine_j(order, rho) / (2 * math.pi)
+    if order == 0:
+        return angular.expand(torch.broadcast_shapes(q1.shape, q2.shape, rho.shape))
+    return (q1 * q2) ** (order / 2) * angular
+
+
+def ab_relu_moments(a: float, b: float, q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
+    r"""``E[phi(u) phi(v)]`` for ``phi(x) = a min(x, 0) + b max(x, 0)``.
+
+    Writing ``phi = b relu(x) - a relu(-x)`` and using the arc-cosine kernel of
+    order 1 for each of the four terms:
+    ``sqrt(q1 q2) [(a - b)^2 (sin(theta) + (pi - theta) rho) / (2 pi) + a b rho]``.
+    Covers ReLU (a=0, b=1), LeakyReLU (a=slope, b=1) and Abs (a=-1, b=1).
+    """
+    theta = torch.arccos(rho)
+    angular = (a - b) ** 2 * (_sin_angle(rho) + (math.pi - theta) * rho) / (2 * math.pi)
+    return torch.sqrt(q1 * q2) * (angular + a * b * rho)
+
+
+def ab_relu_derivative_moments(a: float, b: float, rho: Tensor) -> Tensor:
+    r"""``E[phi'(u) phi'(v)] = (a - b)^2 (pi - theta) / (2 pi) + a b`` for the ABReLU ``phi``."""
+    return (a - b) ** 2 * (math.pi - torch.arccos(rho)) / (2 * math.pi) + a * b
+
+
+def sign_moments(rho: Tensor) -> Tensor:
+    r"""``E[sign(u) sign(v)] = (2 / pi) arcsin(rho)`` (Grothendieck's identity)."""
+    return (2 / math.pi) * torch.arcsin(rho)
+
+
+def erf_moments(b: float, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+    r"""``E[erf(b u) erf(b v)] = (2/pi) arcsin(2 b^2 c / sqrt((1 + 2 b^2 q1)(1 + 2 b^2 q2)))``.
+
+    Williams 1997, "Computing with infinite networks".
+    """
+    s = 2 * b * b
+    arg = s * c / torch.sqrt((1 + s * q1) * (1 + s * q2))
+    return (2 / math.pi) * torch.arcsin(arg.clamp(-1.0, 1.0))
+
+
+def erf_derivative_moments(b: float, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+    r"""``E[erf'(b u) erf'(b v)]`` with ``d/dx erf(b x) = (2 b / sqrt(pi)) exp(-b^2 x^2)``.
+
+    ``E[exp(-b^2 (u^2 + v^2))] = det(I + 2 b^2 Sigma)^{-1/2}``, so the result is
+    ``(4 b^2 / pi) / sqrt((1 + 2 b^2 q1)(1 + 2 b^2 q2) - 4 b^4 c^2)``.
+    """
+    s = 2 * b * b
+    det = (1 + s * q1) * (1 + s * q2) - s * s * c * c
+    return (2 * s / math.pi) / torch.sqrt(det.clamp_min(1.0))
+
+
+def sin_moments(b: float, phase: float, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+    r"""``E[sin(b u + phase) sin(b v + phase)]``.
+
+    With ``sin x sin y = (cos(x - y) - cos(x + y)) / 2`` and
+    ``E[cos(w + t)] = exp(-Var(w) / 2) cos(t)`` for Gaussian ``w``:
+    ``(exp(-b^2 (q1 + q2 - 2c) / 2) - cos(2 phase) exp(-b^2 (q1 + q2 + 2c) / 2)) / 2``.
+    The derivative map of ``sin`` is this with ``phase + pi/2`` (cosine), times ``b^2``.
+    """
+    half_b2 = 0.5 * b * b
+    total = q1 + q2
+    return 0.5 * (
+        torch.exp(-half_b2 * (total - 2 * c))
+        - math.cos(2 * phase) * torch.exp(-half_b2 * (total + 2 * c))
+    )
+
+
+def gelu_moments(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+    r"""``E[g(u) g(v)]`` for the exact GELU ``g(x) = x Phi(x)``.
+
+    Obtained by integrating the derivative map (Price's theorem,
+    ``d/dc E[g(u) g(v)] = E[g'(u) g'(v)]``) from ``c = 0``, where it equals
+    ``E[g(u)] E[g(v)]`` with ``E[u Phi(u)] = q / sqrt(2 pi (1 + q))``. With
+    ``s^2 = (1 + q1)(1 + q2)`` and ``D = s^2 - c^2``:
+    ``c/4 + c arcsin(c/s) / (2 pi) + (sqrt(D) (q1 q2 - 1) / s^2 + 1 / sqrt(D)) / (2 pi)``.
+    """
+    s_sq = (1 + q1) * (1 + q2)
+    det = (s_sq - c * c).clamp_min(1.0)
+    root_det = torch.sqrt(det)
+    arcsin = torch.arcsin((c / torch.sqrt(s_sq)).clamp(-1.0, 1.0))
+    return c / 4 + (c * arcsin + root_det * (q1 * q2 - 1) / s_sq + 1 / root_det) / (2 * math.pi)
+
+
+def gelu_derivative_moments(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+    r"""``E[g'(u) g'(v)]`` for ``g'(x) = Phi(x) + x phi(x)`` (exact GELU).
+
+    Writing ``Phi(u) = P(z <= u)`` for an independent standard normal ``z`` and
+    tilting the Gaussian by ``phi``: with ``s^2 = (1 + q1)(1 + q2)``, ``D = s^2 - c^2``,
+    ``1/4 + arcsin(c/s) / (2 pi) + c (2 + q1 + q2) / (2 pi s^2 sqrt(D)) + c / (2 pi D^{3/2})``.
+    """
+    s_sq = (1 + q1) * (1 + q2)
+    det = (s_sq - c * c).clamp_min(1.0)
+    root_det = torch.sqrt(det)
+    arcsin = torch.arcsin((c / torch.sqrt(s_sq)).clamp(-1.0, 1.0))
+    return 0.25 + (arcsin + c * (2 + q1 + q2) / (s_sq * root_det) + c / (det * root_det)) / (
+        2 * math.pi
+    )
+
+
+def hermite_rule(degree: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Nodes and weights of ``degree``-point Gauss--Hermite quadrature for N(0, 1)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(degree)
+    weights = weights / math.sqrt(2 * math.pi)
+    return (
+        torch.as_tensor(nodes, dtype=dtype, device=device),
+        torch.as_tensor(weights, dtype=dtype, device=device),
+    )
+
+
+def quadrature_moments(
+    f: Callable[[Tensor], Tensor],
+    g: Callable[[Tensor], Tensor],
+    q1: Tensor,
+    q2: Tensor,
+    rho: Tensor,
+    degree: int,
+    max_elements: int = 1 << 23,
+) -> Tensor:
+    r"""``E[f(u) g(v)]`` by ``degree x degree``-point Gauss--Hermite quadrature.
+
+    With ``z1, z2`` independent standard normals, ``u = sqrt(q1) z1`` and
+    ``v = sqrt(q2) (rho z1 + sqrt(1 - rho^2) z2)``. The rule is exact for
+    polynomials of degree ``< 2 * degree`` in each variable; for smooth functions of
+    moderate growth the error falls exponentially with ``degree``. Work is done in
+    slices of the leading axis so that at most ``max_elements`` values of ``g`` are
+    held at once.
+    """
+    shape = torch.broadcast_shapes(q1.shape, q2.shape, rho.shape)
+    q1, q2, rho = (t.expand(shape) for t in (q1, q2, rho))
+    nodes, weights = hermite_rule(degree, rho.dtype, rho.device)
+    sd1, sd2 = torch.sqrt(q1), torch.sqrt(q2)
+    rest = _sin_angle(rho)
+    out = torch.empty(shape, dtype=rho.dtype, device=rho.device)
+    flat = out.reshape(-1) if out.ndim else out.reshape(1)
+    parts = [t.reshape(-1) if t.ndim else t.reshape(1) for t in (sd1, sd2, rho, rest)]
+    step = max(1, max_elements // degree)
+    for start in range(0, flat.numel(), step):
+        s1, s2, r, rr = (t[start : start + step] for t in parts)
+        acc = torch.zeros_like(s1)
+        for node, weight in zip(nodes, weights):
+            fu = f(s1 * node)
+            v = s2[:, None] * (r[:, None] * node + rr[:, None] * nodes[None, :])
+            acc = acc + weight * fu * (g(v) @ weights)
+        flat[start : start + step] = acc
+    return out

@@ -1,0 +1,118 @@
+"""Validation and conversion of user inputs (data arrays and the ``get`` argument)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+KERNEL_NAMES = ("nngp", "ntk")
+
+
+def as_data_tensor(x: object, name: str) -> torch.Tensor:
+    """Return ``x`` as a floating tensor of shape ``(N, ...)`` with finite values.
+
+    NumPy arrays (and array-likes) become float64 tensors; a tensor keeps its dtype
+    and device. Raises ``TypeError`` for non-numeric or complex data and
+    ``ValueError`` for empty input, fewer than 2 dimensions, or NaN/inf values.
+    """
+    if isinstance(x, torch.Tensor):
+        tensor = x
+    elif isinstance(x, (np.ndarray, Sequence, np.generic)) and not isinstance(x, (str, bytes)):
+        array = np.asarray(x)
+        if array.dtype == object or not np.issubdtype(array.dtype, np.number):
+            raise TypeError(f"{name} must hold real numbers, got NumPy dtype {array.dtype}")
+        if np.iscomplexobj(array):
+            raise TypeError(f"{name} must be real, got complex dtype {array.dtype}")
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+    else:
+        raise TypeError(
+            f"{name} must be a torch.Tensor or a NumPy array, got {type(x).__name__}"
+        )
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be real, got complex dtype {tensor.dtype}")
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name} must have a floating dtype (float32 or float64), got {tensor.dtype}"
+        )
+    if tensor.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (N, features) or (N, C, ...), got shape {tuple(tensor.shape)}"
+        )
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(tensor.shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return tensor
+
+
+def as_input_pair(
+    x1: object, x2: object | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate ``x1`` and ``x2`` (``None`` meaning ``x2 = x1``) as one batch pair.
+
+    ``x2`` is converted to the dtype and device of ``x1`` when it is NumPy data; two
+    tensors must already agree. Per-example shapes must be equal.
+    """
+    t1 = as_data_tensor(x1, "x1")
+    if x2 is None:
+        return t1, None
+    t2 = as_data_tensor(x2, "x2")
+    if not isinstance(x2, torch.Tensor):
+        t2 = t2.to(dtype=t1.dtype, device=t1.device)
+    elif not isinstance(x1, torch.Tensor):
+        t1 = t1.to(dtype=t2.dtype, device=t2.device)
+    if t1.dtype != t2.dtype or t1.device != t2.device:
+        raise ValueError(
+            f"x1 and x2 must share dtype and device, got {t1.dtype} on {t1.device} "
+            f"and {t2.dtype} on {t2.device}"
+        )
+    if t1.shape[1:] != t2.shape[1:]:
+        raise ValueError(
+            f"x1 and x2 must have the same per-example shape, got {tuple(t1.shape[1:])} "
+            f"and {tuple(t2.shape[1:])}"
+        )
+    return t1, t2
+
+
+def parse_get(get: object) -> tuple[str, ...]:
+    """Normalise ``get`` ("nngp", "ntk" or a tuple of them) into a tuple of names."""
+    names = (get,) if isinstance(get, str) else get
+    if not isinstance(names, (tuple, list)) or len(names) == 0:
+        raise TypeError(f"get must be 'nngp', 'ntk' or a tuple of them, got {get!r}")
+    for entry in names:
+        if entry not in KERNEL_NAMES:
+            raise ValueError(f"get must name 'nngp' or 'ntk', got {entry!r}")
+    return tuple(names)
+
+
+def check_nonnegative(value: object, name: str, allow_none: bool = False) -> float | None:
+    """Return ``value`` as a float, raising if it is not a finite number >= 0."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number >= 0, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` if it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    return int(value)
+
+
+def check_finite_number(value: object, name: str) -> float:
+    """Return ``value`` as a float, raising if it is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value

@@ -1,0 +1,150 @@
+"""The layer protocol: every layer knows its kernel rule and how to build its finite twin."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from ..inputs import as_input_pair, parse_get
+from ..kernel import Kernel, Kernels
+
+#: The state between layers: one kernel, or one per branch after ``FanOut``.
+KernelState = Union[Kernel, tuple["KernelState", ...]]
+#: A per-example shape, or a list of them (one per branch) after ``FanOut``.
+Shape = Union[tuple[int, ...], list["Shape"]]
+
+
+class Layer:
+    """An architecture element, width-agnostic in its kernel and concrete in its twin.
+
+    Subclasses implement :meth:`kernel_rule` (how the infinite-width kernel state
+    changes) and :meth:`build_module` (the finite ``torch.nn.Module`` with exactly the
+    same parameterization), side by side.
+    """
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        """Map the kernel state of this layer's input to that of its output."""
+        raise NotImplementedError
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        """The finite module (float64, CPU) for inputs of ``input_shape``, and its output shape."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- public API
+    def kernel(
+        self,
+        x1: object,
+        x2: object | None = None,
+        get: str | tuple[str, ...] = "ntk",
+    ) -> torch.Tensor | Kernels:
+        """The infinite-width kernel(s) between ``x1`` and ``x2`` (``None``: ``x1``).
+
+        Args:
+            x1: inputs ``(N1, features)``, a tensor or NumPy array (float64).
+            x2: inputs ``(N2, features)`` or ``None`` for ``x1`` itself (symmetric).
+            get: ``"nngp"``, ``"ntk"`` or a tuple of both.
+
+        Returns:
+            An ``(N1, N2)`` tensor for a single name, else :class:`Kernels` with
+            attributes ``nngp`` and ``ntk``. Tensors keep the dtype and device of the
+            input; NumPy input is computed in float64.
+        """
+        names = parse_get(get)
+        t1, t2 = as_input_pair(x1, x2)
+        if t1.ndim != 2:
+            raise ValueError(
+                "x1 must be 2-D (N, features) for a fully connected network, got shape "
+                f"{tuple(t1.shape)}"
+            )
+        state = self.kernel_rule(Kernel.from_inputs(t1, t2, with_ntk="ntk" in names))
+        if not isinstance(state, Kernel):
+            raise ValueError(
+                f"the network ends with {len(state)} parallel branches; close them with "
+                "FanInSum, FanInConcat or FanInProd"
+            )
+        result = {"nngp": state.nngp, "ntk": state.ntk}
+        for name, matrix in result.items():
+            if matrix is not None and not bool(torch.isfinite(matrix).all()):
+                raise ValueError(
+                    f"the {name.upper()} overflows {matrix.dtype}: the kernel grows beyond "
+                    "the floating-point range through the layers (e.g. a deep network of "
+                    "RectifiedMonomial(n >= 2) or large W_std); reduce W_std or the depth"
+                )
+        if state.symmetric:
+            result = {n: None if m is None else 0.5 * (m + m.T) for n, m in result.items()}
+        if isinstance(get, str):
+            return result[get]
+        return Kernels(**{n: result[n] for n in names})
+
+    def build(
+        self,
+        input_shape: tuple[int, ...] | int,
+        generator: torch.Generator | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> nn.Module:
+        """A finite network of this architecture, with freshly sampled parameters.
+
+        Args:
+            input_shape: the per-example input shape, e.g. ``(d,)``.
+            generator: a CPU ``torch.Generator`` for reproducible sampling.
+            dtype, device: of the parameters (default: torch's default dtype, CPU).
+                Parameters are drawn in float64 on the CPU and then cast, so the same
+                generator state gives the same network on every device.
+        """
+        if isinstance(input_shape, int):
+            input_shape = (input_shape,)
+        if (
+            not isinstance(input_shape, tuple)
+            or not input_shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                       for s in input_shape)
+        ):
+            raise ValueError(
+                f"input_shape must be a tuple of positive integers, got {input_shape!r}"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
+        module, out_shape = self.build_module(input_shape, generator)
+        if isinstance(out_shape, list):
+            raise ValueError(
+                f"the network ends with {len(out_shape)} parallel branches; close them with "
+                "FanInSum, FanInConcat or FanInProd"
+            )
+        return module.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def standard_normal(
+    shape: tuple[int, ...], generator: torch.Generator | None
+) -> torch.Tensor:
+    """Standard normal draws in float64 on the CPU (the twin is cast afterwards)."""
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def single_kernel(k: KernelState, layer: Layer) -> Kernel:
+    """``k`` as one kernel, or a clear error if there are parallel branches."""
+    if not isinstance(k, Kernel):
+        raise ValueError(
+            f"{type(layer).__name__} got {len(k)} parallel branches; use Parallel to apply "
+            "layers per branch, or a FanIn layer to merge them"
+        )
+    return k
+
+
+def single_shape(shape: Shape, layer: Layer) -> tuple[int, ...]:
+    """``shape`` as one per-example shape, or a clear error for parallel branches."""
+    if isinstance(shape, list):
+        raise ValueError(
+            f"{type(layer).__name__} got {len(shape)} parallel branches; use Parallel to "
+            "apply layers per branch, or a FanIn layer to merge them"
+        )
+    return shape

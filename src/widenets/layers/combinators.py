@@ -1,0 +1,312 @@
+"""Combinators: sequences, branches and their merges, residual blocks.
+
+Branches are exact only where they are independent in the limit. Each kernel state
+carries the tokens of the weights it depends on directly (``Kernel.sources``); a
+weighted layer makes a fresh, centred Gaussian independent of everything that does
+not share its token. The merges check this and refuse what the kernels alone do not
+determine, rather than return a wrong number.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import torch
+from torch import nn
+
+from ..inputs import check_positive_int
+from ..kernel import Kernel
+from .activations import Identity
+from .base import KernelState, Layer, Shape, single_kernel, single_shape
+
+
+def _check_layers(layers: tuple[object, ...], owner: str) -> tuple[Layer, ...]:
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(
+                f"{owner} takes widenets layers, got {type(layer).__name__} at position {i}"
+            )
+    return layers
+
+
+class Sequential(Layer):
+    """Layers applied one after the other."""
+
+    def __init__(self, *layers: Layer) -> None:
+        self.layers = _check_layers(layers, "Sequential")
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        for layer in self.layers:
+            k = layer.kernel_rule(k)
+        return k
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        modules = []
+        for layer in self.layers:
+            module, input_shape = layer.build_module(input_shape, generator)
+            modules.append(module)
+        return SequentialModule(modules), input_shape
+
+    def __repr__(self) -> str:
+        return f"Sequential({', '.join(map(repr, self.layers))})"
+
+
+class SequentialModule(nn.ModuleList):
+    """Finite twin of :class:`Sequential`; passes tuples of branches through unchanged."""
+
+    def forward(self, x):
+        for module in self:
+            x = module(x)
+        return x
+
+
+class Parallel(Layer):
+    """Applies its i-th layer to the i-th branch (after ``FanOut``)."""
+
+    def __init__(self, *layers: Layer) -> None:
+        if not layers:
+            raise ValueError("Parallel needs at least one layer")
+        self.layers = _check_layers(layers, "Parallel")
+
+    def _check_branches(self, count: int) -> None:
+        if count != len(self.layers):
+            raise ValueError(
+                f"Parallel has {len(self.layers)} layers but got {count} branches"
+            )
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        if isinstance(k, Kernel):
+            raise ValueError("Parallel needs parallel branches: put FanOut(n) before it")
+        self._check_branches(len(k))
+        return tuple(layer.kernel_rule(branch) for layer, branch in zip(self.layers, k))
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        if not isinstance(input_shape, list):
+            raise ValueError("Parallel needs parallel branches: put FanOut(n) before it")
+        self._check_branches(len(input_shape))
+        built = [layer.build_module(s, generator) for layer, s in zip(self.layers, input_shape)]
+        return ParallelModule([m for m, _ in built]), [s for _, s in built]
+
+    def __repr__(self) -> str:
+        return f"Parallel({', '.join(map(repr, self.layers))})"
+
+
+class ParallelModule(nn.ModuleList):
+    """Finite twin of :class:`Parallel`."""
+
+    def forward(self, xs):
+        return tuple(module(x) for module, x in zip(self, xs))
+
+
+class FanOut(Layer):
+    """Copies its input into ``n`` branches."""
+
+    def __init__(self, n: int) -> None:
+        self.n = check_positive_int(n, "n")
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        return (single_kernel(k, self),) * self.n
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        return FanOutModule(self.n), [single_shape(input_shape, self)] * self.n
+
+
+class FanOutModule(nn.Module):
+    """Finite twin of :class:`FanOut`."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        return (x,) * self.n
+
+
+def _branches(k: KernelState, layer: Layer) -> tuple[Kernel, ...]:
+    if isinstance(k, Kernel):
+        raise ValueError(f"{type(layer).__name__} needs parallel branches: use FanOut first")
+    for branch in k:
+        if not isinstance(branch, Kernel):
+            raise ValueError(f"{type(layer).__name__} got nested branches; merge them first")
+    return k
+
+
+def _branch_shapes(shape: Shape, layer: Layer, same: bool) -> list[tuple[int, ...]]:
+    if not isinstance(shape, list):
+        raise ValueError(f"{type(layer).__name__} needs parallel branches: use FanOut first")
+    shapes = [single_shape(s, layer) for s in shape]
+    reference = shapes[0]
+    for s in shapes[1:]:
+        differs = s != reference if same else (len(s) != len(reference) or s[1:] != reference[1:])
+        if differs:
+            raise ValueError(
+                f"{type(layer).__name__} got branches of incompatible shapes {shapes}"
+            )
+    return shapes
+
+
+def _check_equal_widths(branches: tuple[Kernel, ...], layer: Layer) -> None:
+    widths = [b.width for b in branches]
+    if len(set(widths)) != 1:
+        raise ValueError(f"{type(layer).__name__} needs branches of equal width, got {widths}")
+
+
+def _independent(a: Kernel, b: Kernel) -> bool:
+    """Independent in the limit: no shared weights, and not both deterministic."""
+    return not (a.sources & b.sources) and bool(a.sources or b.sources)
+
+
+class FanInSum(Layer):
+    r"""Sums its branches: ``K = sum_i K_i``, ``T = sum_i T_i``.
+
+    Exact when the branches are pairwise independent and in each pair at least one is
+    a centred Gaussian (it ends with its own weighted layer), so every cross moment
+    ``E[a(x) b(x')]`` vanishes; otherwise a ``ValueError`` is raised.
+    """
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        branches = _branches(k, self)
+        _check_equal_widths(branches, self)
+        for (i, a), (j, b) in combinations(enumerate(branches), 2):
+            if not (_independent(a, b) and (a.is_gaussian or b.is_gaussian)):
+                raise ValueError(
+                    f"FanInSum: branches {i} and {j} have a cross moment that their kernels "
+                    "do not determine; each pair needs one branch that ends with its own "
+                    "Linear layer (e.g. Residual(Sequential(ReLU(), Linear(...))))"
+                )
+        first = branches[0]
+        return first.replace(
+            nngp=sum(b.nngp for b in branches),
+            ntk=None if first.ntk is None else sum(b.ntk for b in branches),
+            var1=sum(b.var1 for b in branches),
+            var2=None if first.var2 is None else sum(b.var2 for b in branches),
+            is_gaussian=all(b.is_gaussian for b in branches),
+            sources=frozenset().union(*(b.sources for b in branches)),
+        )
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        return FanInModule("sum"), _branch_shapes(input_shape, self, same=True)[0]
+
+
+class FanInProd(Layer):
+    r"""Multiplies its branches elementwise: ``K = prod_i K_i``,
+    ``T = sum_i T_i prod_{j != i} K_j`` (product rule), exact for independent branches.
+    """
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        branches = _branches(k, self)
+        _check_equal_widths(branches, self)
+        for (i, a), (j, b) in combinations(enumerate(branches), 2):
+            if not _independent(a, b):
+                raise ValueError(
+                    f"FanInProd: branches {i} and {j} are not independent (they share "
+                    "weights or are both deterministic); give each its own Linear layer"
+                )
+
+        def product(tensors):
+            out = tensors[0]
+            for t in tensors[1:]:
+                out = out * t
+            return out
+
+        first = branches[0]
+        ntk = None
+        if first.ntk is not None:
+            ntk = sum(
+                product([b.ntk if j == i else b.nngp for j, b in enumerate(branches)])
+                for i in range(len(branches))
+            )
+        return first.replace(
+            nngp=product([b.nngp for b in branches]),
+            ntk=ntk,
+            var1=product([b.var1 for b in branches]),
+            var2=None if first.var2 is None else product([b.var2 for b in branches]),
+            is_gaussian=False,
+            sources=frozenset().union(*(b.sources for b in branches)),
+        )
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        return FanInModule("prod"), _branch_shapes(input_shape, self, same=True)[0]
+
+
+class FanInConcat(Layer):
+    r"""Concatenates its branches along the feature axis.
+
+    The next weighted layer sees the width-weighted mean of the branch kernels,
+    ``K = sum_i w_i K_i / sum_i w_i`` (likewise ``T``). The concatenation of branches
+    with different kernels is not one Gaussian, so an activation cannot follow it
+    directly; a Linear layer can.
+    """
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        branches = _branches(k, self)
+        widths = [b.width for b in branches]
+        total = sum(widths)
+
+        def mean(tensors):
+            return sum(w * t for w, t in zip(widths, tensors)) / total
+
+        first = branches[0]
+        return first.replace(
+            nngp=mean([b.nngp for b in branches]),
+            ntk=None if first.ntk is None else mean([b.ntk for b in branches]),
+            var1=mean([b.var1 for b in branches]),
+            var2=None if first.var2 is None else mean([b.var2 for b in branches]),
+            width=total,
+            is_gaussian=len(branches) == 1 and first.is_gaussian,
+            sources=frozenset().union(*(b.sources for b in branches)),
+        )
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        shapes = _branch_shapes(input_shape, self, same=False)
+        return FanInModule("concat"), (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+class FanInModule(nn.Module):
+    """Finite twin of the FanIn layers: sum, elementwise product or feature concatenation."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, xs):
+        if self.mode == "concat":
+            return torch.cat(xs, dim=1)
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x if self.mode == "sum" else out * x
+        return out
+
+    def extra_repr(self) -> str:
+        return self.mode
+
+
+class Residual(Layer):
+    """``x + block(x)``: ``Sequential(FanOut(2), Parallel(Identity(), block), FanInSum())``."""
+
+    def __init__(self, block: Layer) -> None:
+        self.block = _check_layers((block,), "Residual")[0]
+        self._composed = Sequential(FanOut(2), Parallel(Identity(), block), FanInSum())
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        return self._composed.kernel_rule(k)
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        return self._composed.build_module(input_shape, generator)
+
+    def __repr__(self) -> str:
+        return f"Residual({self.block!r})"

@@ -1,0 +1,74 @@
+"""Layer normalization (no affine parameters): finite forward and kernel rule side by side."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..inputs import check_nonnegative
+from .base import KernelState, Layer, Shape, single_kernel, single_shape
+
+
+class LayerNorm(Layer):
+    r"""Normalise each example over its features: ``(h - mean(h)) / sqrt(var(h) + eps)``.
+
+    For a centred Gaussian input the feature mean tends to 0 and the feature variance
+    to ``K(x, x)``, so in the limit (as in Neural Tangents' ``LayerNorm``)::
+
+        K'(x, x') = K(x, x') / sqrt((K(x, x) + eps) (K(x', x') + eps))
+        T'(x, x') = T(x, x') / sqrt((K(x, x) + eps) (K(x', x') + eps))
+
+    The input must be Gaussian (after a weighted layer): after a nonlinearity the
+    features have a non-zero mean that the kernel alone does not determine.
+    A zero input maps to zero, in the finite twin and in the kernel.
+    """
+
+    def __init__(self, eps: float = 1e-12) -> None:
+        self.eps = check_nonnegative(eps, "eps")
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
+        if not k.is_gaussian:
+            raise ValueError(
+                "LayerNorm needs a centred Gaussian input: put it after a Linear layer "
+                "(the feature mean of raw inputs or of activations is not determined by "
+                "the kernel)"
+            )
+        scale1 = _inverse_std(k.var1, self.eps)
+        scale2 = None if k.var2 is None else _inverse_std(k.var2, self.eps)
+        outer = scale1[:, None] * (scale1 if scale2 is None else scale2)[None, :]
+        nngp = k.nngp * outer
+        var1 = k.var1 * scale1 * scale1
+        if k.symmetric:
+            nngp.diagonal().copy_(var1)
+        return k.replace(
+            nngp=nngp,
+            ntk=None if k.ntk is None else k.ntk * outer,
+            var1=var1,
+            var2=None if scale2 is None else k.var2 * scale2 * scale2,
+        )
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        return FiniteLayerNorm(self.eps), single_shape(input_shape, self)
+
+
+def _inverse_std(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(var + eps)``, and 0 where ``var + eps`` is 0 (a zero input stays zero)."""
+    total = var + eps
+    positive = total > 0
+    return torch.where(positive, torch.rsqrt(torch.where(positive, total, 1.0)), 0.0)
+
+
+class FiniteLayerNorm(nn.Module):
+    """The finite twin of :class:`LayerNorm`, over the feature axis (axis 1)."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(dim=1, keepdim=True)
+        var = (centred * centred).mean(dim=1, keepdim=True)
+        return centred * _inverse_std(var, self.eps)

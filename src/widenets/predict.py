@@ -1,0 +1,240 @@
+r"""Predictions of infinitely wide networks: GP posterior and gradient-descent training.
+
+Conventions: targets ``y`` are ``(N,)`` or ``(N, outputs)`` and share one kernel;
+``diag_reg`` is added, as given, to the training kernel's diagonal. Training follows
+the loss ``L = 1/2 sum (f - y)^2`` by gradient flow with rate ``learning_rate``, so the
+outputs on the training set obey ``du/dt = -learning_rate T (u - y)`` (Lee et al. 2019,
+"Wide neural networks of any depth evolve as linear models under gradient descent").
+Linear algebra is done in float64 and factorisations are computed once per training
+set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .inputs import as_data_tensor, check_nonnegative, parse_get
+from .layers.base import Layer
+
+Tensor = torch.Tensor
+
+
+def _as_targets(y: object, n: int) -> Tensor:
+    t = as_data_tensor(y[:, None] if getattr(y, "ndim", None) == 1 else y, "y_train")
+    if t.ndim != 2 or t.shape[0] != n:
+        raise ValueError(
+            f"y_train must have shape ({n},) or ({n}, outputs), got {tuple(t.shape)}"
+        )
+    return t
+
+
+def _restore(values: Tensor, like_vector: bool) -> Tensor:
+    return values[..., 0] if like_vector else values
+
+
+def _cholesky(matrix: Tensor, what: str) -> Tensor:
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise ValueError(
+            f"the {what} is not positive definite (duplicate training points, or a "
+            "kernel of low rank); pass diag_reg > 0, e.g. diag_reg=1e-6 * mean diagonal"
+        )
+    return factor
+
+
+def gp_inference(
+    net: Layer,
+    x_train: object,
+    y_train: object,
+    diag_reg: float = 0.0,
+) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    r"""The exact Gaussian-process posterior of an infinitely wide network.
+
+    Returns ``fn(x_test, get="nngp", compute_cov=True) -> (mean, cov)`` with, for the
+    chosen kernel ``K`` (NNGP: Bayesian inference of the network; NTK: the NTK used as
+    a GP covariance) and ``K_r = K(X, X) + diag_reg I``::
+
+        mean = K(x, X) K_r^{-1} y
+        cov  = K(x, x) - K(x, X) K_r^{-1} K(X, x)
+
+    ``mean`` has the shape of ``y`` with ``len(x_test)`` rows; ``cov`` is
+    ``(len(x_test), len(x_test))`` (``None`` unless ``compute_cov``). The training
+    kernel and its Cholesky factor are computed once per ``get``.
+    """
+    if not isinstance(net, Layer):
+        raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")
+    xt = as_data_tensor(x_train, "x_train")
+    is_vector = getattr(y_train, "ndim", None) == 1
+    yt = _as_targets(y_train, xt.shape[0]).to(torch.float64)
+    reg = check_nonnegative(diag_reg, "diag_reg")
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def factor(get: str) -> tuple[Tensor, Tensor]:
+        if get not in factors:
+            k = net.kernel(xt, None, get=get).to(torch.float64)
+            k = k + reg * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+            chol = _cholesky(k, f"training {get.upper()} kernel")
+            factors[get] = (chol, torch.cholesky_solve(yt.to(k.device), chol))
+        return factors[get]
+
+    def predict(
+        x_test: object, get: str = "nngp", compute_cov: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        names = parse_get(get)
+        if len(names) != 1:
+            raise ValueError(f"get must be 'nngp' or 'ntk' here, got {get!r}")
+        xs = as_data_tensor(x_test, "x_test")
+        chol, alpha = factor(names[0])
+        k_tx = net.kernel(xs, xt.to(xs.dtype), get=get).to(torch.float64)
+        mean = _restore(k_tx @ alpha, is_vector).to(xs.dtype)
+        if not compute_cov:
+            return mean, None
+        v = torch.linalg.solve_triangular(chol, k_tx.T, upper=False)
+        k_tt = net.kernel(xs, None, get=get).to(torch.float64)
+        cov = k_tt - v.T @ v
+        return mean, (0.5 * (cov + cov.T)).to(xs.dtype)
+
+    return predict
+
+
+def _spectral_filters(
+    eigenvalues: Tensor, learning_rate: float, t: Tensor, discrete: bool
+) -> tuple[Tensor, Tensor]:
+    r"""``decay(lambda) = exp(-lr lambda t)`` and ``gain(lambda) = (1 - decay) / lambda``.
+
+    ``discrete`` gives gradient descent of ``t`` steps instead of gradient flow for a
+    time ``t``: ``decay = (1 - lr lambda)^t``. ``gain`` tends to ``lr t`` as
+    ``lambda -> 0``; ``t = inf`` gives ``decay = 0`` and ``gain = 1 / lambda``.
+    Shapes: ``(len(t), len(eigenvalues))``.
+    """
+    lam = eigenvalues[None, :]
+    times = t[:, None]
+    rate = learning_rate * lam
+    positive = lam > 0
+    sign = torch.ones_like(rate * times)
+    if discrete:
+        finite = times[torch.isfinite(times)]
+        if bool((finite != torch.round(finite)).any()):
+            raise ValueError(f"with discrete=True, t counts steps and must be integers, got {t}")
+        if bool(torch.isinf(times).any()) and bool((rate[positive] >= 2).any()):
+            raise ValueError(
+                "gradient descent does not converge: learning_rate * largest eigenvalue >= 2"
+            )
+        log_base = torch.where(rate < 1, torch.log1p(-rate), torch.log(torch.abs(rate - 1)))
+        exponent = torch.where(torch.isinf(times), -torch.inf, times * log_base)
+        odd = torch.remainder(torch.where(torch.isinf(times), 0.0, times), 2) == 1
+        sign = torch.where((rate > 1) & odd, -1.0, 1.0)
+    else:
+        exponent = torch.where(torch.isinf(times), -torch.inf, -rate * times)
+    exponent = torch.where(positive, exponent, torch.zeros_like(exponent))
+    sign = torch.where(positive, sign, torch.ones_like(sign))
+    decay = sign * torch.exp(exponent)
+    one_minus_decay = torch.where(sign > 0, -torch.expm1(exponent), 1.0 - decay)
+    safe_lam = torch.where(positive, lam, torch.ones_like(lam))
+    gain = torch.where(positive, one_minus_decay / safe_lam, learning_rate * times)
+    return decay, gain
+
+
+def gradient_descent_mse(
+    k_train_train: object,
+    y_train: object,
+    learning_rate: float = 1.0,
+    diag_reg: float = 0.0,
+    discrete: bool = False,
+) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    r"""Outputs of a linearized network trained on MSE from its own initial outputs.
+
+    With ``T_r = T + diag_reg I`` (``T = k_train_train``, e.g. an NTK) and
+    ``r_0 = f_train_0 - y``::
+
+        f_train(t) = y + exp(-lr T_r t) r_0
+        f_test(t)  = f_test_0 - k_test_train T_r^{-1} (I - exp(-lr T_r t)) r_0
+
+    Returns ``fn(t, fx_train_0=0.0, fx_test_0=None, k_test_train=None)`` returning
+    ``(fx_train_t, fx_test_t)``; ``t`` is a number, a 1-D tensor of times (a leading
+    time axis is added) or ``None`` for ``t = inf``. With ``discrete=True``, ``t``
+    counts gradient-descent steps of size ``learning_rate`` and
+    ``exp(-lr T_r t)`` becomes ``(I - lr T_r)^t``. The eigendecomposition of ``T_r`` is
+    computed once. Zero eigenvalues keep their component (no training happens along
+    them); at ``t = inf`` that component of the test prediction is dropped (the
+    minimum-norm solution).
+    """
+    k = as_data_tensor(k_train_train, "k_train_train").to(torch.float64)
+    if k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"k_train_train must be square (N, N), got {tuple(k.shape)}")
+    is_vector = getattr(y_train, "ndim", None) == 1
+    y = _as_targets(y_train, k.shape[0]).to(torch.float64).to(k.device)
+    lr = check_nonnegative(learning_rate, "learning_rate")
+    reg = check_nonnegative(diag_reg, "diag_reg")
+    k = 0.5 * (k + k.T) + reg * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+    eigenvalues, eigenvectors = torch.linalg.eigh(k)
+    scale = float(eigenvalues.abs().max())
+    tolerance = scale * k.shape[0] * torch.finfo(k.dtype).eps
+    if float(eigenvalues.min()) < -max(tolerance, 1e-12 * scale) * 10:
+        raise ValueError(
+            "k_train_train is not positive semi-definite (smallest eigenvalue "
+            f"{float(eigenvalues.min()):.3g}); pass diag_reg > 0"
+        )
+    eigenvalues = torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
+
+    def predict(
+        t: float | Tensor | None,
+        fx_train_0: object = 0.0,
+        fx_test_0: object | None = None,
+        k_test_train: object | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        times, scalar_time = _as_times(t)
+        f0 = _as_initial(fx_train_0, y.shape, "fx_train_0").to(k.device)
+        residual = eigenvectors.T @ (f0 - y)
+        decay, gain = _spectral_filters(eigenvalues, lr, times.to(k.device), discrete)
+        fx_train = y + torch.einsum("nk,tk,ko->tno", eigenvectors, decay, residual)
+        fx_test = None
+        if k_test_train is not None:
+            kx = as_data_tensor(k_test_train, "k_test_train").to(torch.float64).to(k.device)
+            if kx.ndim != 2 or kx.shape[1] != k.shape[0]:
+                raise ValueError(
+                    f"k_test_train must be (M, {k.shape[0]}), got {tuple(kx.shape)}"
+                )
+            shape = (kx.shape[0], y.shape[1])
+            ft0 = torch.zeros(shape, dtype=k.dtype, device=k.device) if fx_test_0 is None \
+                else _as_initial(fx_test_0, shape, "fx_test_0").to(k.device)
+            projected = kx @ eigenvectors
+            fx_test = ft0 - torch.einsum("mk,tk,ko->tmo", projected, gain, residual)
+        if scalar_time:
+            fx_train = fx_train[0]
+            fx_test = None if fx_test is None else fx_test[0]
+        fx_train = _restore(fx_train, is_vector)
+        return fx_train, None if fx_test is None else _restore(fx_test, is_vector)
+
+    return predict
+
+
+def _as_times(t: float | Tensor | None) -> tuple[Tensor, bool]:
+    if t is None:
+        return torch.tensor([math.inf], dtype=torch.float64), True
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        times, scalar = torch.tensor([float(t)], dtype=torch.float64), True
+    else:
+        times, scalar = torch.as_tensor(t, dtype=torch.float64), False
+        if times.ndim != 1:
+            raise ValueError(f"t must be a number, a 1-D tensor of times or None, got {t!r}")
+    if bool(torch.isnan(times).any()) or bool((times < 0).any()):
+        raise ValueError(f"t must be >= 0, got {t!r}")
+    return times, scalar
+
+
+def _as_initial(value: object, shape: tuple[int, int], name: str) -> Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full(shape, float(value), dtype=torch.float64)
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.ndim == 1:
+        t = t[:, None]
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {shape} (or its first axis), got "
+                         f"{tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return t

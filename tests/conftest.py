@@ -1,0 +1,27 @@
+"""Shared fixtures: float64 inputs and the Neural Tangents reference file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def reference() -> np.lib.npyio.NpzFile:
+    """Kernel values computed with Neural Tangents 0.6.5 (float64, NTK parameterization)."""
+    return np.load(DATA / "nt_reference_public.npz")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def random_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Standard normal float64 inputs ``(n, d)``."""
+    return torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
