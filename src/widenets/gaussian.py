@@ -54,11 +54,14 @@ def arc_cosine_j(order: int, rho: Tensor) -> Tensor:
     r"""The angular part ``J_n(theta)`` of the arc-cosine kernel (Cho & Saul 2009).
 
     ``E[relu(u)^n relu(v)^n] = (q1 q2)^{n/2} J_n(theta) / (2 pi)`` with
-    ``theta = arccos(rho)``. ``J_0 = pi - theta``,
-    ``J_1 = sin(theta) + (pi - theta) cos(theta)`` and, for ``n >= 2``, the
-    recurrence ``J_n = (2n - 1) cos(theta) J_{n-1} + (n - 1)^2 sin(theta)^2 J_{n-2}``
-    (which follows from differentiating the closed form of Cho & Saul, eq. (4)).
-    At ``theta = 0`` it gives ``J_n(0) = pi (2n - 1)!!`` exactly.
+    ``theta = arccos(rho)``. For ``rho >= 0`` it uses ``J_0 = pi - theta``,
+    ``J_1 = sin(theta) + (pi - theta) cos(theta)`` and the recurrence
+    ``J_n = (2n - 1) cos(theta) J_{n-1} + (n - 1)^2 sin(theta)^2 J_{n-2}``, which gives
+    ``J_n(0) = pi (2n - 1)!!`` exactly. The recurrence cancels catastrophically as
+    ``rho -> -1`` (where ``J_n`` vanishes like ``(pi - theta)^{2n+1}``), so for
+    ``rho < 0`` it uses the integral of positive terms (polar coordinates)
+    ``J_n = 2^n n! int_{theta - pi/2}^{pi/2} cos(a)^n cos(a - theta)^n da`` by
+    Gauss--Legendre quadrature, exact to rounding for this trigonometric polynomial.
     """
     theta = torch.arccos(rho)
     j_prev = math.pi - theta
@@ -69,7 +72,22 @@ def arc_cosine_j(order: int, rho: Tensor) -> Tensor:
     sin_sq = sin_t * sin_t
     for n in range(2, order + 1):
         j_prev, j_curr = j_curr, (2 * n - 1) * rho * j_curr + (n - 1) ** 2 * sin_sq * j_prev
+    negative = rho < 0
+    if bool(negative.any()):
+        j_curr = j_curr.clone()
+        j_curr[negative] = _arc_cosine_j_integral(order, theta[negative])
     return j_curr
+
+
+def _arc_cosine_j_integral(order: int, theta: Tensor) -> Tensor:
+    """``J_n(theta)`` as the positive angular integral (see :func:`arc_cosine_j`)."""
+    nodes, weights = np.polynomial.legendre.leggauss(2 * order + 16)
+    nodes = torch.as_tensor(nodes, dtype=theta.dtype, device=theta.device)
+    weights = torch.as_tensor(weights, dtype=theta.dtype, device=theta.device)
+    half = (math.pi - theta[:, None]) / 2
+    angle = theta[:, None] / 2 + half * nodes
+    integrand = (torch.cos(angle) * torch.cos(angle - theta[:, None])) ** order
+    return (2**order * math.factorial(order)) * half[:, 0] * (integrand @ weights)
 
 
 def rectified_monomial_moments(order: int, q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
@@ -196,25 +214,20 @@ def quadrature_moments(
     With ``z1, z2`` independent standard normals, ``u = sqrt(q1) z1`` and
     ``v = sqrt(q2) (rho z1 + sqrt(1 - rho^2) z2)``. The rule is exact for
     polynomials of degree ``< 2 * degree`` in each variable; for smooth functions of
-    moderate growth the error falls exponentially with ``degree``. Work is done in
-    slices of the leading axis so that at most ``max_elements`` values of ``g`` are
-    held at once.
+    moderate growth the error falls exponentially with ``degree``. All ``degree^2`` nodes are
+    evaluated at once, in slices of the entries so that at most ``max_elements``
+    values of ``g`` are held at a time.
     """
     shape = torch.broadcast_shapes(q1.shape, q2.shape, rho.shape)
     q1, q2, rho = (t.expand(shape) for t in (q1, q2, rho))
     nodes, weights = hermite_rule(degree, rho.dtype, rho.device)
-    sd1, sd2 = torch.sqrt(q1), torch.sqrt(q2)
-    rest = _sin_angle(rho)
-    out = torch.empty(shape, dtype=rho.dtype, device=rho.device)
-    flat = out.reshape(-1) if out.ndim else out.reshape(1)
-    parts = [t.reshape(-1) if t.ndim else t.reshape(1) for t in (sd1, sd2, rho, rest)]
-    step = max(1, max_elements // degree)
-    for start in range(0, flat.numel(), step):
-        s1, s2, r, rr = (t[start : start + step] for t in parts)
-        acc = torch.zeros_like(s1)
-        for node, weight in zip(nodes, weights):
-            fu = f(s1 * node)
-            v = s2[:, None] * (r[:, None] * node + rr[:, None] * nodes[None, :])
-            acc = acc + weight * fu * (g(v) @ weights)
-        flat[start : start + step] = acc
-    return out
+    flat = [t.reshape(-1) for t in (torch.sqrt(q1), torch.sqrt(q2), rho, _sin_angle(rho))]
+    out = torch.empty(flat[0].shape, dtype=rho.dtype, device=rho.device)
+    step = max(1, max_elements // (degree * degree))
+    for start in range(0, out.numel(), step):
+        sd1, sd2, r, rest = (t[start : start + step, None, None] for t in flat)
+        u = sd1[:, :, 0] * nodes  # (entries, i)
+        v = sd2 * (r * nodes[:, None] + rest * nodes[None, :])  # (entries, i, j)
+        inner = g(v) @ weights  # sum over j
+        out[start : start + step] = (f(u) * inner) @ weights
+    return out.reshape(shape)

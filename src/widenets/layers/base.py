@@ -60,25 +60,44 @@ class Layer:
                 "x1 must be 2-D (N, features) for a fully connected network, got shape "
                 f"{tuple(t1.shape)}"
             )
-        state = self.kernel_rule(Kernel.from_inputs(t1, t2, with_ntk="ntk" in names))
+        second = t1 if t2 is None else t2
+        result = {
+            name: torch.empty(t1.shape[0], second.shape[0], dtype=t1.dtype, device=t1.device)
+            for name in names
+        }
+        for rows, cols in _tiles(t1.shape[0], second.shape[0], symmetric=t2 is None):
+            diagonal = t2 is None and rows == cols
+            block = self._kernel_block(t1[rows], None if diagonal else second[cols], names)
+            for name in names:
+                result[name][rows, cols] = block[name]
+                if t2 is None and not diagonal:
+                    result[name][cols, rows] = block[name].T
+        if isinstance(get, str):
+            return result[get]
+        return Kernels(**result)
+
+    def _kernel_block(
+        self, x1: torch.Tensor, x2: torch.Tensor | None, names: tuple[str, ...]
+    ) -> dict[str, torch.Tensor]:
+        """The requested kernels of one tile (``x2=None``: a symmetric diagonal tile)."""
+        state = self.kernel_rule(Kernel.from_inputs(x1, x2, with_ntk="ntk" in names))
         if not isinstance(state, Kernel):
             raise ValueError(
                 f"the network ends with {len(state)} parallel branches; close them with "
                 "FanInSum, FanInConcat or FanInProd"
             )
-        result = {"nngp": state.nngp, "ntk": state.ntk}
-        for name, matrix in result.items():
-            if matrix is not None and not bool(torch.isfinite(matrix).all()):
+        block = {"nngp": state.nngp, "ntk": state.ntk}
+        out = {}
+        for name in names:
+            matrix = block[name]
+            if not bool(torch.isfinite(matrix).all()):
                 raise ValueError(
                     f"the {name.upper()} overflows {matrix.dtype}: the kernel grows beyond "
                     "the floating-point range through the layers (e.g. a deep network of "
                     "RectifiedMonomial(n >= 2) or large W_std); reduce W_std or the depth"
                 )
-        if state.symmetric:
-            result = {n: None if m is None else 0.5 * (m + m.T) for n, m in result.items()}
-        if isinstance(get, str):
-            return result[get]
-        return Kernels(**{n: result[n] for n in names})
+            out[name] = 0.5 * (matrix + matrix.T) if x2 is None else matrix
+        return out
 
     def build(
         self,
@@ -121,6 +140,20 @@ class Layer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+#: Entries of one tile: the elementwise work of a tile's layers stays in cache.
+TILE_ENTRIES = 1 << 18
+
+
+def _tiles(n1: int, n2: int, symmetric: bool) -> list[tuple[slice, slice]]:
+    """Row and column slices covering an ``n1 x n2`` kernel (upper triangle if symmetric)."""
+    side = max(1, int(TILE_ENTRIES**0.5))
+    rows = [slice(i, min(i + side, n1)) for i in range(0, n1, side)]
+    cols = [slice(j, min(j + side, n2)) for j in range(0, n2, side)]
+    if symmetric:
+        return [(r, c) for i, r in enumerate(rows) for c in cols[i:]]
+    return [(r, c) for r in rows for c in cols]
 
 
 def standard_normal(
