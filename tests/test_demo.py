@@ -1,0 +1,139 @@
+"""The demo and the command line, on a small subset of the digits (a few seconds)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from widenets import cli  # noqa: E402
+from widenets.demo import architecture, load_data, run_demo  # noqa: E402
+
+SMALL = {"widths": (32, 512), "steps": 40, "n_train": 300, "n_test": 300, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, progress=False, **SMALL)
+
+
+def test_load_data_is_normalised_and_seeded():
+    data = load_data(n_train=200, n_test=100, seed=3)
+    assert data.x_train.shape == (200, 64) and data.x_test.shape == (100, 64)
+    assert data.y_train.shape == (200, 10)
+    np.testing.assert_allclose(np.linalg.norm(data.x_train, axis=1), 8.0)
+    np.testing.assert_allclose(data.y_train.max(axis=1), 0.9)
+    np.testing.assert_allclose(data.y_train.sum(axis=1), 0.0, atol=1e-12)
+    again = load_data(n_train=200, n_test=100, seed=3)
+    np.testing.assert_array_equal(data.x_test, again.x_test)
+    assert not np.array_equal(load_data(n_train=200, n_test=100, seed=4).x_test, data.x_test)
+
+
+@pytest.mark.parametrize("kwargs", [{"n_train": 5}, {"n_train": 1797}, {"n_test": 0},
+                                    {"n_train": 1000, "n_test": 800}])
+def test_load_data_rejects_bad_sizes(kwargs):
+    with pytest.raises(ValueError):
+        load_data(**kwargs)
+
+
+def test_architecture_builds_twin_of_given_width():
+    import torch
+
+    model = architecture(16).build((64,), torch.Generator().manual_seed(0))
+    out = model(torch.zeros(3, 64, dtype=torch.get_default_dtype()))
+    assert out.shape == (3, 10)
+
+
+def test_run_demo_writes_outputs(small_run):
+    out, results = small_run
+    report = out / "report.md"
+    plot = out / "demo.png"
+    assert results["report"] == str(report) and results["plot"] == str(plot)
+    assert report.is_file() and plot.is_file()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.read_text(encoding="utf-8")
+    assert "| width |" in text and "NNGP posterior" in text
+    for width in SMALL["widths"]:
+        assert f"| {width} |" in text
+
+
+def test_run_demo_numbers(small_run):
+    _, results = small_run
+    accuracies = [results["nngp_accuracy"], results["ntk_accuracy"],
+                  results["ntk_gd_mean_accuracy"]]
+    for twin in results["twins"]:
+        accuracies += [twin["accuracy"], twin["ntk_accuracy"]]
+    assert all(0.0 <= a <= 1.0 for a in accuracies)
+    assert results["nngp_accuracy"] > 0.85
+    assert results["ntk_accuracy"] > 0.85
+    assert [t["width"] for t in results["twins"]] == list(SMALL["widths"])
+    assert results["settings"]["n_train"] == 300 and results["settings"]["n_test"] == 300
+    small, large = results["twins"]
+    assert all(math.isfinite(t["distance"]) and t["distance"] > 0 for t in results["twins"])
+    # The finite network approaches its NTK prediction as the width grows ...
+    assert large["distance"] < small["distance"]
+    assert large["distance"] < 0.5 * small["distance"]
+    # ... while the distance to the f0-free NTK mean does not shrink.
+    assert large["distance_to_ntk_mean"] > large["distance"]
+    assert results["slope"] < 0
+    assert 0 < results["learning_rate"] * results["lambda_max"] <= 1.0 + 1e-9
+
+
+def test_run_demo_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError):
+        run_demo(tmp_path, widths=(0,), progress=False)
+    with pytest.raises(ValueError):
+        run_demo(tmp_path, widths=(), progress=False)
+    with pytest.raises(ValueError):
+        run_demo(tmp_path, steps=0, progress=False)
+
+
+def test_cli_demo(tmp_path, capsys):
+    out = tmp_path / "cli-out"
+    status = cli.main(["demo", "--out", str(out), "--widths", "8,16", "--steps", "3",
+                       "--n-train", "100", "--seed", "1", "--no-progress"])
+    assert status == 0
+    assert (out / "report.md").is_file() and (out / "demo.png").is_file()
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed
+    assert "NNGP posterior accuracy" in printed and "width    16" in printed
+
+
+def test_cli_widths_forms_are_equivalent():
+    parser = cli.build_parser()
+    spaced = parser.parse_args(["demo", "--widths", "64", "256"])
+    commas = parser.parse_args(["demo", "--widths", "64,256"])
+    assert [w for ws in spaced.widths for w in ws] == [w for ws in commas.widths for w in ws]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nonsense"],
+        ["demo", "--steps", "0"],
+        ["demo", "--steps", "many"],
+        ["demo", "--widths", "0"],
+        ["demo", "--widths", "64,x"],
+        ["demo", "--seed", "-1"],
+        ["demo", "--n-train", "5"],
+        ["demo", "--unknown"],
+    ],
+)
+def test_cli_bad_arguments_exit(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--out", str(tmp_path)] if argv[:1] == ["demo"] else argv)
+    assert info.value.code == 2
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert "widenets" in capsys.readouterr().out
