@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 from widenets import cli  # noqa: E402
 from widenets.demo import architecture, load_data, run_demo  # noqa: E402
 
-SMALL = {"widths": (32, 512), "steps": 40, "n_train": 300, "n_test": 300, "seed": 0}
+SMALL = {"widths": (32, 512), "steps": 30, "n_train": 200, "n_test": 200, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_run_demo_numbers(small_run):
     assert results["nngp_accuracy"] > 0.85
     assert results["ntk_accuracy"] > 0.85
     assert [t["width"] for t in results["twins"]] == list(SMALL["widths"])
-    assert results["settings"]["n_train"] == 300 and results["settings"]["n_test"] == 300
+    assert results["settings"]["n_train"] == 200 and results["settings"]["n_test"] == 200
     small, large = results["twins"]
     assert all(math.isfinite(t["distance"]) and t["distance"] > 0 for t in results["twins"])
     # The finite network approaches its NTK prediction as the width grows ...
@@ -81,6 +81,7 @@ def test_run_demo_numbers(small_run):
     # ... while the distance to the f0-free NTK mean does not shrink.
     assert large["distance_to_ntk_mean"] > large["distance"]
     assert results["slope"] < 0
+    assert small["local_slope"] is None and large["local_slope"] == pytest.approx(results["slope"])
     assert 0 < results["learning_rate"] * results["lambda_max"] <= 1.0 + 1e-9
 
 

@@ -207,7 +207,9 @@ def test_single_linear_empirical_ntk_is_exact(parameterization, W_std, b_std, n_
 def test_single_linear_outputs_have_declared_variance(parameterization):
     """The forward pass of the twin has the NNGP ``W_std^2 x.x' / d + b_std^2``.
 
-    Averaged over 4096 independent outputs, the relative error is about 1 / sqrt(4096).
+    Averaged over 4096 independent outputs, the relative error is a few times
+    1 / sqrt(4096) (about 0.04 measured), far below the 0.1 asserted here; a wrong
+    weight or bias scale would be off by a factor of order one.
     """
     W_std, b_std, n_out = 1.3, 0.8, 4096
     layer = wn.Linear(n_out, W_std=W_std, b_std=b_std, parameterization=parameterization)
@@ -219,7 +221,11 @@ def test_single_linear_outputs_have_declared_variance(parameterization):
 
 
 def test_standard_parameterization_ntk_grows_with_declared_width():
-    """In the standard parameterization the readout's fan-in multiplies the NTK."""
+    """The standard-parameterization NTK is about proportional to the declared width.
+
+    So the convergence tests compare with the exact kernel of the same width. In the NTK
+    parameterization the exact kernels do not depend on the width.
+    """
     narrow = relu_mlp(NARROW, parameterization="standard").kernel(X1, get="ntk")
     wide = relu_mlp(WIDE, parameterization="standard").kernel(X1, get="ntk")
     assert relative_error(wide / WIDE, narrow / NARROW) < 0.05

@@ -162,6 +162,26 @@ def _independent(a: Kernel, b: Kernel) -> bool:
     return not (a.sources & b.sources) and bool(a.sources or b.sources)
 
 
+def _product(tensors: list[torch.Tensor]) -> torch.Tensor:
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = out * t
+    return out
+
+
+def _merge(branches: tuple[Kernel, ...], reduce, ntk, **changes) -> Kernel:
+    """One kernel from its branches: ``reduce`` combines each of their second moments."""
+    first = branches[0]
+    return first.replace(
+        nngp=reduce([b.nngp for b in branches]),
+        ntk=ntk,
+        var1=reduce([b.var1 for b in branches]),
+        var2=None if first.var2 is None else reduce([b.var2 for b in branches]),
+        sources=frozenset().union(*(b.sources for b in branches)),
+        **changes,
+    )
+
+
 class FanInSum(Layer):
     r"""Sums its branches: ``K = sum_i K_i``, ``T = sum_i T_i``.
 
@@ -180,15 +200,8 @@ class FanInSum(Layer):
                     "do not determine; each pair needs one branch that ends with its own "
                     "Linear layer (e.g. Residual(Sequential(ReLU(), Linear(...))))"
                 )
-        first = branches[0]
-        return first.replace(
-            nngp=sum(b.nngp for b in branches),
-            ntk=None if first.ntk is None else sum(b.ntk for b in branches),
-            var1=sum(b.var1 for b in branches),
-            var2=None if first.var2 is None else sum(b.var2 for b in branches),
-            is_gaussian=all(b.is_gaussian for b in branches),
-            sources=frozenset().union(*(b.sources for b in branches)),
-        )
+        ntk = None if branches[0].ntk is None else sum(b.ntk for b in branches)
+        return _merge(branches, sum, ntk, is_gaussian=all(b.is_gaussian for b in branches))
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -210,28 +223,13 @@ class FanInProd(Layer):
                     f"FanInProd: branches {i} and {j} are not independent (they share "
                     "weights or are both deterministic); give each its own Linear layer"
                 )
-
-        def product(tensors):
-            out = tensors[0]
-            for t in tensors[1:]:
-                out = out * t
-            return out
-
-        first = branches[0]
         ntk = None
-        if first.ntk is not None:
+        if branches[0].ntk is not None:
             ntk = sum(
-                product([b.ntk if j == i else b.nngp for j, b in enumerate(branches)])
+                _product([b.ntk if j == i else b.nngp for j, b in enumerate(branches)])
                 for i in range(len(branches))
             )
-        return first.replace(
-            nngp=product([b.nngp for b in branches]),
-            ntk=ntk,
-            var1=product([b.var1 for b in branches]),
-            var2=None if first.var2 is None else product([b.var2 for b in branches]),
-            is_gaussian=False,
-            sources=frozenset().union(*(b.sources for b in branches)),
-        )
+        return _merge(branches, _product, ntk, is_gaussian=False)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -257,15 +255,9 @@ class FanInConcat(Layer):
             return sum(w * t for w, t in zip(widths, tensors)) / total
 
         first = branches[0]
-        return first.replace(
-            nngp=mean([b.nngp for b in branches]),
-            ntk=None if first.ntk is None else mean([b.ntk for b in branches]),
-            var1=mean([b.var1 for b in branches]),
-            var2=None if first.var2 is None else mean([b.var2 for b in branches]),
-            width=total,
-            is_gaussian=len(branches) == 1 and first.is_gaussian,
-            sources=frozenset().union(*(b.sources for b in branches)),
-        )
+        ntk = None if first.ntk is None else mean([b.ntk for b in branches])
+        return _merge(branches, mean, ntk, width=total,
+                      is_gaussian=len(branches) == 1 and first.is_gaussian)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
