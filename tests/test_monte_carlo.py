@@ -44,16 +44,29 @@ N_ESTIMATES = {NARROW: 16, WIDE: 4}
 # 1 / sqrt(width * n_samples); the NNGP error (readout as wide as the network) is the
 # finite-width error of order 1 / sqrt(width). Measured at width 2048 with SEED (width 128
 # in brackets): NTK 0.038 (0.160) ReLU, 0.036 (0.141) Erf, 0.037 (0.157) residual,
-# 0.051 (0.185) ReLU standard parameterization, 0.043 (0.178) GELU, 0.024 (0.114)
-# LayerNorm; NNGP 0.067 (0.267) ReLU, 0.054 (0.202) Erf, 0.075 (0.271) residual, 0.038
-# (0.147) LayerNorm. Over 8 to 12 seeds per case the largest were 0.065 (NTK) and 0.086
-# (NNGP), and the smallest improvement from 128 to 2048 was 2.6 times. Each bound is
-# twice the largest error measured with SEED for that kernel.
+# 0.051 (0.185) ReLU standard parameterization, 0.024 (0.114) LayerNorm; NNGP 0.067
+# (0.267) ReLU, 0.054 (0.202) Erf, 0.075 (0.271) residual. Over 8 to 12 seeds per case
+# the largest were 0.065 (NTK) and 0.086 (NNGP), and the smallest improvement from 128 to
+# 2048 was 2.6 times. Each bound is twice the largest error measured with SEED for that
+# kernel.
 NTK_ERROR_BOUND_WIDE = 0.10  # about 6.4 / sqrt(WIDE * SAMPLES_PER_ESTIMATE)
 NNGP_ERROR_BOUND_WIDE = 0.15  # about 6.8 / sqrt(WIDE)
 ERROR_BOUND_WIDE = {"ntk": NTK_ERROR_BOUND_WIDE, "nngp": NNGP_ERROR_BOUND_WIDE}
 # 16 times wider: the error should be about sqrt(16) = 4 times smaller. Ask for at least 2.
 MIN_IMPROVEMENT = 2.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Run this module's large Jacobians on one thread, then restore the setting.
+
+    On a busy 2-core machine, torch's thread pool waits on the other thread so much that
+    the module took 2 to 3 times longer with 2 threads than with 1.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _inputs(n: int, seed: int) -> torch.Tensor:
@@ -121,9 +134,7 @@ CONVERGENCE_CASES = [
     ("residual", "ntk", "ntk", "x2=None"),
     ("residual", "nngp", "ntk", "x2=given"),
     ("relu", "ntk", "standard", "x2=given"),
-    ("gelu", "ntk", "ntk", "x2=None"),
     ("layernorm", "ntk", "ntk", "x2=given"),
-    ("layernorm", "nngp", "ntk", "x2=None"),
 ]
 
 

@@ -98,6 +98,15 @@ def test_discrete_steps_match_gradient_descent_on_a_linear_model():
     np.testing.assert_allclose(ftest.numpy(), jac_test @ w, rtol=1e-10)
 
 
+def test_discrete_steps_at_unit_rate():
+    """lr * lambda = 1: one step reaches the target; zero steps leave the start unchanged."""
+    predict = wn.predict.gradient_descent_mse(np.eye(2), np.ones(2), learning_rate=1.0,
+                                              discrete=True)
+    np.testing.assert_array_equal(predict(0, 0.5)[0].numpy(), [0.5, 0.5])
+    np.testing.assert_array_equal(predict(1, 0.5)[0].numpy(), [1.0, 1.0])
+    np.testing.assert_array_equal(predict(None, 0.5)[0].numpy(), [1.0, 1.0])
+
+
 def test_gradient_descent_mse_bad_input():
     with pytest.raises(ValueError, match="square"):
         wn.predict.gradient_descent_mse(np.ones((3, 4)), np.ones(3))

@@ -329,7 +329,7 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
         "# widenets demo: infinite and finite ReLU networks on digits",
         "",
         f"widenets {s['widenets_version']}, torch {s['torch_version']}, "
-        f"Python {s['python_version']}, {s['threads']} torch threads. "
+        f"Python {s['python_version']}, torch threads: {s['threads']}. "
         f"Total time {results['total_seconds']:.1f} s.",
         "",
         "## Infinite network",
@@ -465,8 +465,7 @@ def plot(path: str | Path, results: dict[str, Any]) -> Path:
     positions = np.arange(len(values))
     bars = left.bar(positions, values, color=colors)
     ntk_same_f0 = [t["ntk_accuracy"] for t in twins]
-    left.scatter(positions[3:], ntk_same_f0, marker="_", s=400, color="black", zorder=3,
-                 label="NTK prediction, same f0")
+    left.scatter(positions[3:], ntk_same_f0, marker="_", s=400, color="black", zorder=3)
     left.set_xticks(positions, labels, fontsize=8)
     low = min([*values, *ntk_same_f0])
     bottom = max(0.0, low - 0.1)
@@ -477,7 +476,8 @@ def plot(path: str | Path, results: dict[str, Any]) -> Path:
                       fontsize=8, color="white")
     left.set_ylabel("test accuracy")
     left.set_title("Digits: infinite network vs finite twins")
-    left.legend(loc="lower left", fontsize=8)
+    left.set_xlabel("black ticks: NTK prediction from the same initial outputs f0",
+                    fontsize=8)
 
     distances = np.array([t["distance"] for t in twins])
     right.loglog(widths, distances, "o-", color="tab:red",

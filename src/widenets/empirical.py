@@ -83,8 +83,11 @@ def empirical_ntk(
     out = torch.zeros(t1.shape[0], second.shape[0], dtype=t1.dtype, device=t1.device)
     batches2 = [(j, _jacobians(model, second[j : j + batch_size], params, buffers))
                 for j in range(0, second.shape[0], batch_size)]
-    for i in range(0, t1.shape[0], batch_size):
-        jac1 = _jacobians(model, t1[i : i + batch_size], params, buffers)
+    batches1 = batches2 if t2 is None else (
+        (i, _jacobians(model, t1[i : i + batch_size], params, buffers))
+        for i in range(0, t1.shape[0], batch_size)
+    )
+    for i, jac1 in batches1:
         for j, jac2 in batches2:
             block = out[i : i + batch_size, j : j + batch_size]
             for name in params:

@@ -23,8 +23,11 @@ def monte_carlo_kernel(
     """Average the empirical kernels (mean over outputs) of ``n_samples`` finite twins.
 
     Each twin is ``net.build(x1.shape[1:], generator)`` in the dtype and on the device
-    of the inputs. Converges to ``net.kernel(x1, x2, get)`` as the widths grow: the
-    error has a standard deviation of order ``1 / sqrt(width * n_samples)``.
+    of the inputs. Converges to ``net.kernel(x1, x2, get)`` as the widths grow. The
+    NTK error has a standard deviation of order ``1 / sqrt(width * n_samples)``. The
+    empirical NNGP is a product of outputs, so its noise is of order
+    ``1 / sqrt(outputs * n_samples)`` whatever the width: estimate an NNGP with a wide
+    read-out layer (many outputs) or many samples.
     """
     if not isinstance(net, Layer):
         raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")

@@ -125,6 +125,8 @@ def _spectral_filters(
             )
         log_base = torch.where(rate < 1, torch.log1p(-rate), torch.log(torch.abs(rate - 1)))
         exponent = torch.where(torch.isinf(times), -torch.inf, times * log_base)
+        # (1 - lr lambda)^0 = 1 even where lr lambda = 1 (0 * log 0 would be NaN).
+        exponent = torch.where(times == 0, 0.0, exponent)
         odd = torch.remainder(torch.where(torch.isinf(times), 0.0, times), 2) == 1
         sign = torch.where((rate > 1) & odd, -1.0, 1.0)
     else:
