@@ -83,31 +83,25 @@ def _linear(width: int, parameterization: str, W_std: float = 1.5, b_std: float 
     return wn.Linear(width, W_std=W_std, b_std=b_std, parameterization=parameterization)
 
 
-def relu_mlp(width: int, n_out: int = 1, parameterization: str = "ntk") -> wn.Sequential:
+def two_hidden_mlp(
+    activation, width: int, n_out: int = 1, parameterization: str = "ntk"
+) -> wn.Sequential:
+    """Linear, activation, Linear, activation, Linear (read-out of ``n_out`` outputs)."""
     p = parameterization
     return wn.Sequential(
-        _linear(width, p), wn.ReLU(), _linear(width, p), wn.ReLU(), _linear(n_out, p)
+        _linear(width, p), activation(), _linear(width, p), activation(), _linear(n_out, p)
     )
 
 
-def erf_mlp(width: int, n_out: int = 1, parameterization: str = "ntk") -> wn.Sequential:
-    p = parameterization
-    return wn.Sequential(
-        _linear(width, p), wn.Erf(), _linear(width, p), wn.Erf(), _linear(n_out, p)
-    )
+relu_mlp = functools.partial(two_hidden_mlp, wn.ReLU)
+erf_mlp = functools.partial(two_hidden_mlp, wn.Erf)
+gelu_mlp = functools.partial(two_hidden_mlp, wn.GELU)
 
 
 def residual_net(width: int, n_out: int = 1, parameterization: str = "ntk") -> wn.Sequential:
     p = parameterization
     block = wn.Sequential(wn.ReLU(), _linear(width, p, W_std=1.0, b_std=0.1))
     return wn.Sequential(_linear(width, p), wn.Residual(block), wn.ReLU(), _linear(n_out, p))
-
-
-def gelu_mlp(width: int, n_out: int = 1, parameterization: str = "ntk") -> wn.Sequential:
-    p = parameterization
-    return wn.Sequential(
-        _linear(width, p), wn.GELU(), _linear(width, p), wn.GELU(), _linear(n_out, p)
-    )
 
 
 def layernorm_mlp(width: int, n_out: int = 1, parameterization: str = "ntk") -> wn.Sequential:
