@@ -30,10 +30,17 @@ def test_feature_mismatch(net):
         net.kernel(np.ones((3, 4)), np.ones((3, 5)))
 
 
-@pytest.mark.parametrize("shape", [(4,), (), (2, 3, 4)])
+@pytest.mark.parametrize("shape", [(4,), (), (2, 1, 1, 1, 1, 1)])
 def test_wrong_ndim(net, shape):
     with pytest.raises(ValueError, match="x1 must"):
         net.kernel(np.ones(shape))
+
+
+def test_images_into_a_fully_connected_network(net):
+    with pytest.raises(ValueError, match=r"Linear needs \(N, features\).*Flatten"):
+        net.kernel(np.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"Linear needs \(N, features\).*Flatten"):
+        net.build((3, 4))
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (3, 0)])
@@ -118,5 +125,5 @@ def test_unsupported_architectures():
         wn.Sequential(wn.Linear(4), wn.FanInSum()).kernel(x)
     with pytest.raises(ValueError, match="Parallel has 2 layers but got 3"):
         wn.Sequential(wn.FanOut(3), wn.Parallel(wn.Linear(4), wn.Linear(4))).kernel(x)
-    with pytest.raises(ValueError, match="x1 must be 2-D"):
+    with pytest.raises(ValueError, match="Linear needs"):
         wn.Sequential(wn.Linear(4)).kernel(torch.ones(2, 3, 4, 4))

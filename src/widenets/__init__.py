@@ -12,6 +12,12 @@ from .layers import (
     GELU,
     ABReLU,
     Abs,
+    AvgPool1d,
+    AvgPool2d,
+    AvgPool3d,
+    Conv1d,
+    Conv2d,
+    Conv3d,
     Cos,
     Elementwise,
     Erf,
@@ -19,6 +25,8 @@ from .layers import (
     FanInProd,
     FanInSum,
     FanOut,
+    Flatten,
+    GlobalAvgPool,
     Identity,
     Layer,
     LayerNorm,
@@ -39,7 +47,8 @@ from .monte_carlo import monte_carlo_kernel
 __version__ = "0.1.0"
 
 __all__ = [
-    "ABReLU", "Abs", "Cos", "Elementwise", "Erf", "FanInConcat", "FanInProd", "FanInSum",
+    "ABReLU", "Abs", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Conv1d", "Conv2d", "Conv3d",
+    "Flatten", "GlobalAvgPool", "Cos", "Elementwise", "Erf", "FanInConcat", "FanInProd", "FanInSum",
     "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer", "LayerNorm", "LeakyReLU",
     "Linear", "Parallel", "Rbf", "RectifiedMonomial", "ReLU", "Residual", "Sequential",
     "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",

@@ -20,12 +20,21 @@ It also carries the facts that decide which rules are exact:
   depends on *directly* (a weighted layer replaces them by its own token). Two
   branches with disjoint sources are independent in the limit, which ``FanInSum``
   and ``FanInProd`` need to be exact.
+
+For images the moments also have spatial axes, described by :class:`Layout`: with the
+full spatial covariance, ``nngp[i, j, h, h', w, w'] = E[h(x1_i)[h, w] h(x2_j)[h', w']]``
+(each spatial dimension a pair of axes, one per image) and ``var1[i]`` is the full
+covariance of ``x1_i`` with itself; with the diagonal layout only equal positions are
+kept, ``nngp[i, j, h, w]`` and ``var1[i, h, w]``. In every layout
+``nngp`` is ``(N1, N2, *layout)``, ``var1`` is ``(N1, *layout)`` and ``var2`` is
+``(N2, *layout)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +48,74 @@ def new_source() -> int:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """The spatial axes that follow the batch axes of the kernel moments.
+
+    ``sizes`` are the spatial sizes (``()`` for a fully connected representation).
+    ``paired``: each spatial dimension has two axes, the position in the first image and
+    the position in the second (the full covariance, which pooling needs); otherwise one
+    axis, positions equal in both images (the diagonal, enough for a read-out through
+    ``Flatten``). The paired axes are interleaved: ``(H, H', W, W')``.
+    """
+
+    sizes: tuple[int, ...] = ()
+    paired: bool = False
+
+    @property
+    def ndim(self) -> int:
+        """The number of trailing spatial axes of a moment tensor."""
+        return len(self.sizes) * (2 if self.paired else 1)
+
+    @property
+    def positions_per_pair(self) -> int:
+        """Entries of one pair of examples: ``P^2`` (paired) or ``P`` (diagonal), 1 if dense."""
+        return math.prod(self.sizes) ** (2 if self.paired else 1)
+
+    def axes(self, dim: int) -> tuple[int, ...]:
+        """The (negative) axes of spatial dimension ``dim`` in a moment tensor."""
+        if self.paired:
+            first = -self.ndim + 2 * dim
+            return (first, first + 1)
+        return (-self.ndim + dim,)
+
+    def positions(self, moments: torch.Tensor) -> torch.Tensor:
+        """The entries at equal positions, ``(lead..., *sizes)``: a view of ``moments``.
+
+        In the paired layout these are the per-position variances of ``var1`` (and the
+        same-position covariances of ``nngp``); writing into the view writes ``moments``.
+        """
+        if not self.paired:
+            return moments
+        lead = moments.ndim - self.ndim
+        for _ in self.sizes:
+            moments = torch.diagonal(moments, dim1=lead, dim2=lead + 1)
+        return moments
+
+    def as_first(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Per-position values ``(lead..., *sizes)`` broadcast along the first image's axes."""
+        return self._spread(per_position, first=True)
+
+    def as_second(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Per-position values ``(lead..., *sizes)`` broadcast along the second image's axes."""
+        return self._spread(per_position, first=False)
+
+    def _spread(self, per_position: torch.Tensor, first: bool) -> torch.Tensor:
+        if not self.paired:
+            return per_position
+        lead = per_position.shape[: per_position.ndim - len(self.sizes)]
+        pairs = [(size, 1) if first else (1, size) for size in self.sizes]
+        return per_position.reshape(*lead, *(n for pair in pairs for n in pair))
+
+
+DENSE = Layout()
+
+
+def batch_diagonal(moments: torch.Tensor) -> torch.Tensor:
+    """The entries ``moments[i, i]`` of a symmetric kernel as a view ``(N, *layout)``."""
+    return torch.diagonal(moments, dim1=0, dim2=1).movedim(-1, 0)
+
+
+@dataclass(frozen=True)
 class Kernel:
     """Second moments of one unit of a representation, for a pair of input batches."""
 
@@ -49,6 +126,7 @@ class Kernel:
     width: int
     is_gaussian: bool
     sources: frozenset[int]
+    layout: Layout = DENSE
 
     @property
     def symmetric(self) -> bool:
@@ -65,24 +143,96 @@ class Kernel:
         return dataclasses.replace(self, **changes)
 
     def map_moments(self, fn) -> Kernel:
-        """Apply the same elementwise map to ``nngp``, ``var1`` and ``var2``."""
+        """Apply the same map to ``nngp``, ``var1`` and ``var2`` (not to ``ntk``)."""
         return self.replace(
             nngp=fn(self.nngp),
             var1=fn(self.var1),
             var2=None if self.var2 is None else fn(self.var2),
         )
 
+    def map_linear(self, fn) -> Kernel:
+        """Apply the same linear map to every moment, ``ntk`` included."""
+        return self.map_moments(fn).replace(ntk=None if self.ntk is None else fn(self.ntk))
+
+    def pair_broadcast(
+        self, first: torch.Tensor, second: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position values of ``x1`` ``(N1, *sizes)`` and ``x2`` ``(N2, *sizes)``,
+        shaped to broadcast against ``nngp``."""
+        return (
+            self.layout.as_first(first).unsqueeze(1),
+            self.layout.as_second(second).unsqueeze(0),
+        )
+
+    def pair_variances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The variances ``K(x1_i, x1_i)[p, p]`` and ``K(x2_j, x2_j)[p', p']`` of each entry
+        of ``nngp``, shaped to broadcast against it."""
+        layout = self.layout
+        return self.pair_broadcast(
+            layout.positions(self.var1), layout.positions(self.var2_or_var1)
+        )
+
+    def self_variances(self, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a self-covariance ``var`` (``var1`` or ``var2``): the two variances of each of
+        its entries, shaped to broadcast against it."""
+        per_position = self.layout.positions(var)
+        return self.layout.as_first(per_position), self.layout.as_second(per_position)
+
     @classmethod
-    def from_inputs(cls, x1: torch.Tensor, x2: torch.Tensor | None, with_ntk: bool) -> Kernel:
-        """The kernel of the raw inputs, flattened to features: ``x . x' / d``.
+    def from_inputs(
+        cls,
+        x1: torch.Tensor,
+        x2: torch.Tensor | None,
+        with_ntk: bool,
+        paired: bool = False,
+    ) -> Kernel:
+        """The kernel of the raw inputs: ``x . x' / d`` for vectors ``(N, d)``; for images
+        ``(N, C, *sizes)`` the channel mean ``sum_c x[c, p] x'[c, p'] / C`` per pair of
+        positions (``paired``) or per position.
 
         The inputs are deterministic, so the NTK (no parameters yet) is zero.
         """
-        f1 = x1.reshape(x1.shape[0], -1)
-        d = f1.shape[1]
-        f2 = f1 if x2 is None else x2.reshape(x2.shape[0], -1)
-        nngp = f1 @ f2.T / d
-        var1 = (f1 * f1).sum(dim=1) / d
+        if x1.ndim == 2:
+            return cls._dense_from_inputs(x1, x2, with_ntk)
+        channels, sizes = x1.shape[1], tuple(x1.shape[2:])
+        layout = Layout(sizes, paired)
+        first = x1.flatten(2)
+
+        def moments(a: torch.Tensor, b: torch.Tensor, same_example: bool) -> torch.Tensor:
+            """Channel means of products, batch axes then ``layout`` axes."""
+            batch = "i" if same_example else "ij"
+            if not paired:
+                out = torch.einsum(f"icp,{batch[-1]}cp->{batch}p", a, b)
+                return out.reshape(*out.shape[:-1], *sizes) / channels
+            out = torch.einsum(f"icp,{batch[-1]}cq->{batch}pq", a, b)
+            lead = len(batch)
+            out = out.reshape(*out.shape[:lead], *sizes, *sizes)
+            interleaved = [*range(lead)]
+            for d in range(len(sizes)):
+                interleaved += [lead + d, lead + len(sizes) + d]
+            return out.permute(interleaved).contiguous() / channels
+
+        var1 = moments(first, first, same_example=True)
+        if x2 is None:
+            nngp = moments(first, first, same_example=False)
+            batch_diagonal(nngp).copy_(var1)
+            var2 = None
+        else:
+            second = x2.flatten(2)
+            nngp = moments(first, second, same_example=False)
+            var2 = moments(second, second, same_example=True)
+        ntk = torch.zeros_like(nngp) if with_ntk else None
+        return cls(nngp, ntk, var1, var2, channels, is_gaussian=False, sources=frozenset(),
+                   layout=layout)
+
+    @classmethod
+    def _dense_from_inputs(
+        cls, x1: torch.Tensor, x2: torch.Tensor | None, with_ntk: bool
+    ) -> Kernel:
+        d = x1.shape[1]
+        f2 = x1 if x2 is None else x2
+        nngp = x1 @ f2.T / d
+        var1 = (x1 * x1).sum(dim=1) / d
         if x2 is None:
             nngp = 0.5 * (nngp + nngp.T)
             nngp.diagonal().copy_(var1)

@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import gaussian
 from ..inputs import check_finite_number, check_nonnegative, check_positive_int
+from ..kernel import Kernel, batch_diagonal
 from .base import KernelState, Layer, Shape, single_kernel
 
 Tensor = torch.Tensor
@@ -53,21 +54,28 @@ class Activation(Layer):
                 "product or concatenation of branches; combine two activations into one "
                 "Elementwise)"
             )
-        q1, q2 = k.var1[:, None], k.var2_or_var1[None, :]
+        var1, self_rho = self._self_map(k, k.var1)
+        var2 = None if k.var2 is None else self._self_map(k, k.var2)[0]
+        q1, q2 = k.pair_variances()
         rho, c = gaussian.snapped_correlation(q1, q2, k.nngp)
         if k.symmetric:
-            rho.diagonal().fill_(1.0)
+            batch_diagonal(rho).copy_(self_rho)
         nngp = self.nngp_map(q1, q2, c, rho).clone()
-        var1, var2 = self._variance_map(k.var1), None
         if k.symmetric:
-            nngp.diagonal().copy_(var1)
-        else:
-            var2 = self._variance_map(k.var2)
+            batch_diagonal(nngp).copy_(var1)
         ntk = None if k.ntk is None else k.ntk * self.derivative_map(q1, q2, c, rho)
         return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, is_gaussian=False)
 
-    def _variance_map(self, var: Tensor) -> Tensor:
-        return self.nngp_map(var, var, var, torch.ones_like(var)).clone()
+    def _self_map(self, k: Kernel, var: Tensor) -> tuple[Tensor, Tensor]:
+        """The NNGP map of a self-covariance ``var``, and its correlations (exactly 1 at
+        equal positions)."""
+        if not k.layout.paired:  # every entry is a variance
+            rho = torch.ones_like(var)
+            return self.nngp_map(var, var, var, rho).clone(), rho
+        q1, q2 = k.self_variances(var)
+        rho, c = gaussian.snapped_correlation(q1, q2, var)
+        k.layout.positions(rho).fill_(1.0)
+        return self.nngp_map(q1, q2, c, rho).clone(), rho
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
 from torch import nn
 
 from ..inputs import as_input_pair, parse_get
-from ..kernel import Kernel, Kernels
+from ..kernel import Kernel, Kernels, Layout
 
 #: The state between layers: one kernel, or one per branch after ``FanOut``.
 KernelState = Union[Kernel, tuple["KernelState", ...]]
@@ -24,6 +25,10 @@ class Layer:
     same parameterization), side by side.
     """
 
+    #: Whether the kernel rule mixes different positions of one image (pooling): then
+    #: the full spatial covariance is needed, not only its diagonal.
+    pools_positions = False
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         """Map the kernel state of this layer's input to that of its output."""
         raise NotImplementedError
@@ -34,40 +39,69 @@ class Layer:
         """The finite module (float64, CPU) for inputs of ``input_shape``, and its output shape."""
         raise NotImplementedError
 
+    def sublayers(self) -> tuple[Layer, ...]:
+        """The layers this one is made of (combinators); none for a plain layer."""
+        return ()
+
+    def needs_full_covariance(self) -> bool:
+        """Whether some layer pools positions, so the full spatial covariance is needed."""
+        return self.pools_positions or any(
+            layer.needs_full_covariance() for layer in self.sublayers()
+        )
+
     # ----------------------------------------------------------------- public API
     def kernel(
         self,
         x1: object,
         x2: object | None = None,
         get: str | tuple[str, ...] = "ntk",
+        *,
+        spatial: str = "auto",
     ) -> torch.Tensor | Kernels:
         """The infinite-width kernel(s) between ``x1`` and ``x2`` (``None``: ``x1``).
 
         Args:
-            x1: inputs ``(N1, features)``, a tensor or NumPy array (float64).
-            x2: inputs ``(N2, features)`` or ``None`` for ``x1`` itself (symmetric).
+            x1: inputs ``(N1, features)``, or images ``(N1, C, L)``, ``(N1, C, H, W)``,
+                ``(N1, C, D, H, W)``: a tensor or a NumPy array (float64).
+            x2: inputs of the same per-example shape, or ``None`` for ``x1`` itself
+                (symmetric: only the upper triangle of blocks is computed).
             get: ``"nngp"``, ``"ntk"`` or a tuple of both.
+            spatial: for images, which spatial covariance flows through the layers:
+                ``"full"`` (every pair of positions, ``P^2`` numbers per pair of
+                images; pooling needs it), ``"diagonal"`` (equal positions only, ``P``
+                numbers; enough when positions reach the read-out only through
+                ``Flatten``) or ``"auto"``: ``"full"`` exactly when a layer pools.
 
         Returns:
             An ``(N1, N2)`` tensor for a single name, else :class:`Kernels` with
             attributes ``nngp`` and ``ntk``. Tensors keep the dtype and device of the
             input; NumPy input is computed in float64.
+
+        The matrix is computed in blocks of pairs of examples sized so that one
+        block's spatial moments hold about ``TILE_ENTRIES`` numbers (for dense
+        networks) or ``SPATIAL_TILE_ENTRIES`` (for images): memory stays bounded for
+        any ``N1, N2``.
         """
         names = parse_get(get)
         t1, t2 = as_input_pair(x1, x2)
-        if t1.ndim != 2:
+        if t1.ndim > 5:
             raise ValueError(
-                "x1 must be 2-D (N, features) for a fully connected network, got shape "
-                f"{tuple(t1.shape)}"
+                "x1 must be (N, features), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got "
+                f"shape {tuple(t1.shape)}"
             )
+        paired = self._spatial_layout(spatial, t1)
+        layout = Layout(tuple(t1.shape[2:]), paired)
         second = t1 if t2 is None else t2
         result = {
             name: torch.empty(t1.shape[0], second.shape[0], dtype=t1.dtype, device=t1.device)
             for name in names
         }
-        for rows, cols in _tiles(t1.shape[0], second.shape[0], symmetric=t2 is None):
+        budget = SPATIAL_TILE_ENTRIES if layout.sizes else TILE_ENTRIES
+        pairs_per_tile = max(1, budget // layout.positions_per_pair)
+        for rows, cols in _tiles(t1.shape[0], second.shape[0], t2 is None, pairs_per_tile):
             diagonal = t2 is None and rows == cols
-            block = self._kernel_block(t1[rows], None if diagonal else second[cols], names)
+            block = self._kernel_block(t1[rows], None if diagonal else second[cols], names,
+                                       paired)
             for name in names:
                 result[name][rows, cols] = block[name]
                 if t2 is None and not diagonal:
@@ -76,15 +110,33 @@ class Layer:
             return result[get]
         return Kernels(**result)
 
+    def _spatial_layout(self, spatial: object, x: torch.Tensor) -> bool:
+        """Whether the paired (full covariance) layout is used for inputs ``x``."""
+        if spatial not in SPATIAL_CHOICES:
+            raise ValueError(f"spatial must be one of {SPATIAL_CHOICES}, got {spatial!r}")
+        needs_full = self.needs_full_covariance()
+        if spatial == "diagonal" and needs_full:
+            raise ValueError(
+                "spatial='diagonal' cannot be used with pooling layers (they mix positions); "
+                "use spatial='auto' or 'full'"
+            )
+        return x.ndim > 2 and (spatial == "full" or needs_full)
+
     def _kernel_block(
-        self, x1: torch.Tensor, x2: torch.Tensor | None, names: tuple[str, ...]
+        self, x1: torch.Tensor, x2: torch.Tensor | None, names: tuple[str, ...], paired: bool
     ) -> dict[str, torch.Tensor]:
         """The requested kernels of one tile (``x2=None``: a symmetric diagonal tile)."""
-        state = self.kernel_rule(Kernel.from_inputs(x1, x2, with_ntk="ntk" in names))
+        initial = Kernel.from_inputs(x1, x2, with_ntk="ntk" in names, paired=paired)
+        state = self.kernel_rule(initial)
         if not isinstance(state, Kernel):
             raise ValueError(
                 f"the network ends with {len(state)} parallel branches; close them with "
                 "FanInSum, FanInConcat or FanInProd"
+            )
+        if state.layout.sizes:
+            raise ValueError(
+                f"the network's output still has {len(state.layout.sizes)} spatial axes; end "
+                "it with Flatten() or GlobalAvgPool() and a Linear read-out"
             )
         block = {"nngp": state.nngp, "ntk": state.ntk}
         out = {}
@@ -142,13 +194,18 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
-#: Entries of one tile: the elementwise work of a tile's layers stays in cache.
+#: Pairs of examples in one tile of a dense network: a tile's layers stay in cache.
 TILE_ENTRIES = 1 << 18
+#: Numbers in one tile's spatial moments (16 MiB in float64; a layer holds a few such
+#: temporaries at once).
+SPATIAL_TILE_ENTRIES = 1 << 21
+SPATIAL_CHOICES = ("auto", "full", "diagonal")
 
 
-def _tiles(n1: int, n2: int, symmetric: bool) -> list[tuple[slice, slice]]:
-    """Row and column slices covering an ``n1 x n2`` kernel (upper triangle if symmetric)."""
-    side = max(1, int(TILE_ENTRIES**0.5))
+def _tiles(n1: int, n2: int, symmetric: bool, pairs: int) -> list[tuple[slice, slice]]:
+    """Row and column slices covering an ``n1 x n2`` kernel in tiles of about ``pairs``
+    pairs (only the upper triangle of tiles if symmetric)."""
+    side = max(1, math.isqrt(pairs))
     rows = [slice(i, min(i + side, n1)) for i in range(0, n1, side)]
     cols = [slice(j, min(j + side, n2)) for j in range(0, n2, side)]
     if symmetric:

@@ -35,6 +35,9 @@ class Sequential(Layer):
     def __init__(self, *layers: Layer) -> None:
         self.layers = _check_layers(layers, "Sequential")
 
+    def sublayers(self) -> tuple[Layer, ...]:
+        return self.layers
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         for layer in self.layers:
             k = layer.kernel_rule(k)
@@ -69,6 +72,9 @@ class Parallel(Layer):
         if not layers:
             raise ValueError("Parallel needs at least one layer")
         self.layers = _check_layers(layers, "Parallel")
+
+    def sublayers(self) -> tuple[Layer, ...]:
+        return self.layers
 
     def _check_branches(self, count: int) -> None:
         if count != len(self.layers):
@@ -134,6 +140,11 @@ def _branches(k: KernelState, layer: Layer) -> tuple[Kernel, ...]:
     for branch in k:
         if not isinstance(branch, Kernel):
             raise ValueError(f"{type(layer).__name__} got nested branches; merge them first")
+    layouts = [branch.layout.sizes for branch in k]
+    if len(set(layouts)) != 1:
+        raise ValueError(
+            f"{type(layer).__name__} got branches of different spatial sizes {layouts}"
+        )
     return k
 
 
@@ -291,6 +302,9 @@ class Residual(Layer):
     def __init__(self, block: Layer) -> None:
         self.block = _check_layers((block,), "Residual")[0]
         self._composed = Sequential(FanOut(2), Parallel(Identity(), block), FanInSum())
+
+    def sublayers(self) -> tuple[Layer, ...]:
+        return (self._composed,)
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         return self._composed.kernel_rule(k)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..inputs import check_nonnegative, check_positive_int
-from ..kernel import new_source
+from ..kernel import Kernel, new_source
 from .base import KernelState, Layer, Shape, single_kernel, single_shape, standard_normal
 
 PARAMETERIZATIONS = ("ntk", "standard")
@@ -20,12 +20,14 @@ def check_parameterization(value: object) -> str:
     return value
 
 
-class Linear(Layer):
-    r"""A fully connected layer of ``width`` outputs over the last axis.
+class WeightedLayer(Layer):
+    """A layer with fresh weights and biases: the shared set-up and kernel rule of
+    :class:`Linear` and the convolutions.
 
     NTK parameterization (default): ``f = (W_std / sqrt(fan_in)) W x + b_std b`` with
     ``W, b`` standard normal, trained at the same rate. Kernel rule (Jacot et al. 2018;
-    Lee et al. 2018)::
+    Lee et al. 2018), with ``K`` the input kernel averaged over the ``fan_in`` inputs of
+    one unit (a convolution averages over its filter offsets)::
 
         K' = W_std^2 K + b_std^2
         T' = W_std^2 T + K'
@@ -34,7 +36,7 @@ class Linear(Layer):
     limit of neural networks with a standard parameterization", as Neural Tangents):
     ``f = W x + b`` with ``W ~ N(0, W_std^2 / fan_in)``, ``b ~ N(0, b_std^2)``; the NNGP
     is the same and the NTK is ``T' = fan_in K + [bias] + W_std^2 T``, where ``fan_in``
-    is the declared width of the input. ``b_std=None`` or ``0``: no bias parameter.
+    comes from the declared widths. ``b_std=None`` or ``0``: no bias parameter.
     """
 
     def __init__(
@@ -50,30 +52,85 @@ class Linear(Layer):
         self.b_std = None if b_std == 0 else b_std
         self.parameterization = check_parameterization(parameterization)
 
-    def kernel_rule(self, k: KernelState) -> KernelState:
-        k = single_kernel(k, self)
+    def affine_rule(self, averaged: Kernel, fan_in: int) -> Kernel:
+        """The output kernel from the input kernel ``averaged`` over one unit's inputs."""
         w2, b2 = self.W_std**2, (self.b_std or 0.0) ** 2
-        out = k.map_moments(lambda m: w2 * m + b2)
-        ntk = k.ntk
+        out = averaged.map_moments(lambda m: w2 * m + b2)
+        ntk = averaged.ntk
         if ntk is not None:
             if self.parameterization == "ntk":
                 ntk = w2 * ntk + out.nngp
             else:
-                ntk = k.width * k.nngp + (1.0 if self.b_std else 0.0) + w2 * ntk
+                ntk = fan_in * averaged.nngp + (1.0 if self.b_std else 0.0) + w2 * ntk
         return out.replace(
             ntk=ntk, width=self.width, is_gaussian=True, sources=frozenset({new_source()})
         )
+
+
+class Linear(WeightedLayer):
+    r"""A fully connected layer of ``width`` outputs on ``(N, features)`` representations.
+
+    Kernel rule: :class:`WeightedLayer` with ``fan_in`` the input width. Images need
+    ``Flatten()`` or ``GlobalAvgPool()`` first (or a convolution with ``kernel_size=1``).
+    """
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
+        if k.layout.sizes:
+            raise ValueError(_SPATIAL_INPUT_MESSAGE.format(len(k.layout.sizes)))
+        return self.affine_rule(k, fan_in=k.width)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
         shape = single_shape(input_shape, self)
-        module = FiniteLinear(shape[-1], self.width, self.W_std, self.b_std,
+        if len(shape) != 1:
+            raise ValueError(_SPATIAL_INPUT_MESSAGE.format(len(shape) - 1))
+        module = FiniteLinear(shape[0], self.width, self.W_std, self.b_std,
                               self.parameterization, generator)
-        return module, (*shape[:-1], self.width)
+        return module, (self.width,)
 
 
-class FiniteLinear(nn.Module):
+_SPATIAL_INPUT_MESSAGE = (
+    "Linear needs (N, features) inputs, got a representation with {} spatial axes; put "
+    "Flatten() or GlobalAvgPool() before it, or use a convolution with kernel_size=1"
+)
+
+
+class WeightedModule(nn.Module):
+    """Finite weights and bias of a :class:`WeightedLayer`, in its parameterization.
+
+    ``weight`` has shape ``weight_shape`` and ``fan_in`` inputs per unit; the forward
+    uses ``weight_scale * weight`` and ``bias_scale * bias``.
+    """
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        fan_in: int,
+        W_std: float,
+        b_std: float | None,
+        parameterization: str,
+        generator: torch.Generator | None,
+    ) -> None:
+        super().__init__()
+        self.fan_in, self.parameterization = fan_in, parameterization
+        weight = standard_normal(weight_shape, generator)
+        bias = standard_normal(weight_shape[:1], generator) if b_std else None
+        if parameterization == "ntk":
+            self.weight_scale, self.bias_scale = W_std / math.sqrt(fan_in), b_std
+        else:
+            weight *= W_std / math.sqrt(fan_in)
+            bias = None if bias is None else bias * b_std
+            self.weight_scale, self.bias_scale = 1.0, 1.0
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def scaled_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias_scale * self.bias
+
+
+class FiniteLinear(WeightedModule):
     """The finite twin of :class:`Linear`: a dense layer in NTK or standard parameterization."""
 
     def __init__(
@@ -85,21 +142,9 @@ class FiniteLinear(nn.Module):
         parameterization: str,
         generator: torch.Generator | None,
     ) -> None:
-        super().__init__()
-        self.fan_in, self.parameterization = fan_in, parameterization
-        weight = standard_normal((width, fan_in), generator)
-        bias = standard_normal((width,), generator) if b_std else None
-        if parameterization == "ntk":
-            self.weight_scale, self.bias_scale = W_std / math.sqrt(fan_in), b_std
-        else:
-            weight *= W_std / math.sqrt(fan_in)
-            bias = None if bias is None else bias * b_std
-            self.weight_scale, self.bias_scale = 1.0, 1.0
-        self.weight = nn.Parameter(weight)
-        self.bias = None if bias is None else nn.Parameter(bias)
+        super().__init__((width, fan_in), fan_in, W_std, b_std, parameterization, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.weight_scale * (x @ self.weight.T)
-        if self.bias is not None:
-            out = out + self.bias_scale * self.bias
-        return out
+        bias = self.scaled_bias()
+        return out if bias is None else out + bias

@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from ..inputs import check_nonnegative
+from ..kernel import batch_diagonal
 from .base import KernelState, Layer, Shape, single_kernel, single_shape
 
 
 class LayerNorm(Layer):
-    r"""Normalise each example over its features: ``(h - mean(h)) / sqrt(var(h) + eps)``.
+    r"""Normalise each example over its features (over the channels at each position, for
+    images): ``(h - mean(h)) / sqrt(var(h) + eps)``.
 
     For a centred Gaussian input the feature mean tends to 0 and the feature variance
     to ``K(x, x)``, so in the limit (as in Neural Tangents' ``LayerNorm``)::
@@ -18,6 +20,8 @@ class LayerNorm(Layer):
         K'(x, x') = K(x, x') / sqrt((K(x, x) + eps) (K(x', x') + eps))
         T'(x, x') = T(x, x') / sqrt((K(x, x) + eps) (K(x', x') + eps))
 
+    (for images, per pair of positions ``p, p'`` with ``K(x, x)[p, p]`` and
+    ``K(x', x')[p', p']``).
     The input must be Gaussian (after a weighted layer): after a nonlinearity the
     features have a non-zero mean that the kernel alone does not determine.
     A zero input maps to zero, in the finite twin and in the kernel.
@@ -34,18 +38,24 @@ class LayerNorm(Layer):
                 "(the feature mean of raw inputs or of activations is not determined by "
                 "the kernel)"
             )
-        scale1 = _inverse_std(k.var1, self.eps)
-        scale2 = None if k.var2 is None else _inverse_std(k.var2, self.eps)
-        outer = scale1[:, None] * (scale1 if scale2 is None else scale2)[None, :]
+        positions = k.layout.positions
+        scale1 = _inverse_std(positions(k.var1), self.eps)
+        scale2 = None if k.var2 is None else _inverse_std(positions(k.var2), self.eps)
+        first, second = k.pair_broadcast(scale1, scale1 if scale2 is None else scale2)
+        outer = first * second
+
+        def self_normalised(var: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return var * k.layout.as_first(scale) * k.layout.as_second(scale)
+
+        var1 = self_normalised(k.var1, scale1)
         nngp = k.nngp * outer
-        var1 = k.var1 * scale1 * scale1
         if k.symmetric:
-            nngp.diagonal().copy_(var1)
+            batch_diagonal(nngp).copy_(var1)
         return k.replace(
             nngp=nngp,
             ntk=None if k.ntk is None else k.ntk * outer,
             var1=var1,
-            var2=None if scale2 is None else k.var2 * scale2 * scale2,
+            var2=None if scale2 is None else self_normalised(k.var2, scale2),
         )
 
     def build_module(

@@ -1,0 +1,175 @@
+"""Convolutions: finite forward and kernel rule side by side (CNN-GP and convolutional NTK)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernel import Layout
+from ..spatial import PADDINGS, AxisPadding, pad_axis, padding, window_mean
+from .base import KernelState, Shape, single_kernel, single_shape
+from .dense import WeightedLayer, WeightedModule
+
+
+def check_window(value: object, ndim: int, name: str) -> tuple[int, ...]:
+    """An int or a tuple of ``ndim`` positive ints, as a tuple of ``ndim`` ints."""
+    values = (value,) * ndim if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(values, tuple)
+        or len(values) != ndim
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    ):
+        raise ValueError(
+            f"{name} must be a positive integer or a tuple of {ndim} positive integers, "
+            f"got {value!r}"
+        )
+    return values
+
+
+def check_padding(value: object) -> str:
+    if value not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {value!r}")
+    return value
+
+
+def spatial_sizes(sizes: tuple[int, ...], ndim: int, owner: str) -> tuple[int, ...]:
+    """The spatial sizes of the input, checked against the layer's number of axes."""
+    if len(sizes) != ndim:
+        layout = ("L", "H, W", "D, H, W")[ndim - 1]
+        raise ValueError(
+            f"{owner} needs inputs (N, C, {layout}) with {ndim} spatial axes, got a "
+            f"representation with {len(sizes)} spatial axes"
+        )
+    return sizes
+
+
+def axis_paddings(
+    sizes: tuple[int, ...], window: tuple[int, ...], stride: tuple[int, ...], mode: str,
+    owner: str,
+) -> list[AxisPadding]:
+    return [padding(n, w, s, mode, owner, axis)
+            for axis, (n, w, s) in enumerate(zip(sizes, window, stride))]
+
+
+class Conv(WeightedLayer):
+    r"""A convolution over ``ndim`` spatial axes with ``channels`` output channels.
+
+    Inputs ``(N, C, *sizes)``; weights ``(channels, C, *kernel_size)``;
+    ``fan_in = C * prod(kernel_size)``. ``padding`` is ``"valid"``, ``"same"`` or
+    ``"circular"`` (see :mod:`widenets.spatial`).
+
+    Kernel rule (Novak et al. 2019, "Bayesian deep convolutional networks with many
+    channels are Gaussian processes"; Arora et al. 2019, "On exact computation with an
+    infinitely wide neural net"): a unit at output position ``i`` sees the inputs at
+    ``s i + o`` for the filter offsets ``o``, and the same weights serve every
+    position, so for two images the input kernel averaged over one unit's inputs is
+    ``A[i, i'] = mean_o K[s i + o, s i' + o]`` (padded positions are zeros, or wrapped
+    around), and then :class:`WeightedLayer`'s rule applies. The mean is separable over
+    the spatial axes and maps the diagonal ``i = i'`` to itself, so the diagonal layout
+    needs only the diagonal.
+    """
+
+    ndim = 2
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str = "valid",
+        W_std: float = 1.0,
+        b_std: float | None = None,
+        parameterization: str = "ntk",
+    ) -> None:
+        super().__init__(channels, W_std, b_std, parameterization)
+        self.kernel_size = check_window(kernel_size, self.ndim, "kernel_size")
+        self.stride = check_window(stride, self.ndim, "stride")
+        self.padding = check_padding(padding)
+
+    def _paddings(self, sizes: tuple[int, ...]) -> list[AxisPadding]:
+        sizes = spatial_sizes(sizes, self.ndim, type(self).__name__)
+        return axis_paddings(sizes, self.kernel_size, self.stride, self.padding,
+                             type(self).__name__)
+
+    def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
+        pads = self._paddings(k.layout.sizes)
+
+        def filter_mean(moment: torch.Tensor) -> torch.Tensor:
+            for dim, pad in enumerate(pads):
+                axes = k.layout.axes(dim)
+                for axis in axes:
+                    moment = pad_axis(moment, axis, pad)
+                moment = window_mean(moment, axes, self.kernel_size[dim], self.stride[dim],
+                                     pad.out)
+            return moment
+
+        averaged = k.map_linear(filter_mean).replace(
+            layout=Layout(tuple(pad.out for pad in pads), k.layout.paired)
+        )
+        return self.affine_rule(averaged, fan_in=k.width * math.prod(self.kernel_size))
+
+    def build_module(
+        self, input_shape: Shape, generator: torch.Generator | None
+    ) -> tuple[nn.Module, Shape]:
+        shape = single_shape(input_shape, self)
+        pads = self._paddings(shape[1:])
+        module = FiniteConv(self, shape[0], generator)
+        return module, (self.width, *(pad.out for pad in pads))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.width}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding!r}, W_std={self.W_std}, "
+            f"b_std={self.b_std}, parameterization={self.parameterization!r})"
+        )
+
+
+class Conv1d(Conv):
+    """A 1-D convolution, inputs ``(N, C, L)``: see :class:`Conv`."""
+
+    ndim = 1
+
+
+class Conv2d(Conv):
+    """A 2-D convolution, inputs ``(N, C, H, W)``: see :class:`Conv`."""
+
+    ndim = 2
+
+
+class Conv3d(Conv):
+    """A 3-D convolution, inputs ``(N, C, D, H, W)``: see :class:`Conv`."""
+
+    ndim = 3
+
+
+_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class FiniteConv(WeightedModule):
+    """The finite twin of :class:`Conv`, padding as its kernel rule does."""
+
+    def __init__(self, layer: Conv, in_channels: int, generator: torch.Generator | None) -> None:
+        fan_in = in_channels * math.prod(layer.kernel_size)
+        super().__init__((layer.width, in_channels, *layer.kernel_size), fan_in, layer.W_std,
+                         layer.b_std, layer.parameterization, generator)
+        self.layer, self.in_channels = layer, in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = type(self.layer).__name__
+        if x.ndim != self.layer.ndim + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{name} expects inputs (N, {self.in_channels}, ...) with "
+                f"{self.layer.ndim} spatial axes, got shape {tuple(x.shape)}"
+            )
+        for dim, pad in enumerate(self.layer._paddings(tuple(x.shape[2:]))):
+            x = pad_axis(x, 2 + dim, pad)
+        convolve = _CONVOLUTIONS[self.layer.ndim]
+        return convolve(x, self.weight_scale * self.weight, self.scaled_bias(),
+                        stride=self.layer.stride)
+
+    def extra_repr(self) -> str:
+        return repr(self.layer)
