@@ -24,6 +24,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_kernels.py
+	$(VPY) benchmarks/bench_conv.py
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -54,15 +54,22 @@ def width_list(text: str) -> list[int]:
 # --------------------------------------------------------------------------- demo
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``widenets demo``."""
-    from .demo import DEFAULT_N_TRAIN, DEFAULT_STEPS, DEFAULT_WIDTHS
+    from .demo import (
+        DEFAULT_CNN_N_TEST,
+        DEFAULT_CNN_N_TRAIN,
+        DEFAULT_N_TRAIN,
+        DEFAULT_STEPS,
+        DEFAULT_WIDTHS,
+    )
 
     parser = subparsers.add_parser(
         "demo",
         help="infinite vs finite ReLU networks on scikit-learn's digits",
         description=(
-            "Compute the NNGP and NTK posteriors of a fully connected ReLU network on "
-            "scikit-learn's digits, train finite twins of several widths by full-batch "
-            "gradient descent, and compare them with the NTK prediction. Writes "
+            "Compute the NNGP and NTK posteriors of a fully connected ReLU network and of a "
+            "convolutional network (CNN-GAP) on scikit-learn's digits, train finite twins "
+            "of several widths by full-batch gradient descent, and compare them with the "
+            "NTK prediction. Writes "
             "report.md and demo.png into the output folder."
         ),
     )
@@ -79,6 +86,12 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     parser.add_argument("--n-train", type=positive_int, default=DEFAULT_N_TRAIN,
                         help="training images; the rest are the test set "
+                             "(default: %(default)s)")
+    parser.add_argument("--cnn-n-train", type=positive_int, default=DEFAULT_CNN_N_TRAIN,
+                        help="training images for the convolutional network, the first of "
+                             "the split (default: %(default)s)")
+    parser.add_argument("--cnn-n-test", type=positive_int, default=DEFAULT_CNN_N_TEST,
+                        help="test images for the convolutional network "
                              "(default: %(default)s)")
     parser.add_argument("--float64", action="store_true",
                         help="train the finite networks in float64 (default: float32)")
@@ -104,6 +117,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             n_train=args.n_train,
+            cnn_n_train=args.cnn_n_train,
+            cnn_n_test=args.cnn_n_test,
             dtype=torch.float64 if args.float64 else torch.float32,
         )
     except ImportError as error:

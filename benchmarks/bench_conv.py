@@ -1,0 +1,67 @@
+"""Time the analytic kernels of convolutional networks on 8x8 images, per pair of images.
+
+Workloads (the shapes of issue 7): three ``Conv2d(64, 3, padding="same", W_std=1.5,
+b_std=0.05)`` + ReLU layers on 3-channel 8x8 images, then ``Flatten`` (400 images) or
+``GlobalAvgPool`` (64 images), and a ``Linear(1)`` read-out; NNGP + NTK, ``x2=None``,
+float64. A symmetric call computes ``N (N + 1) / 2`` pairs.
+
+Each network is timed on the layout that ``spatial="auto"`` chooses and, in the same
+run and alternating with it, on the full spatial covariance (``spatial="full"``): for
+the Flatten network the automatic choice is the diagonal (``P = 64`` numbers per pair
+instead of ``P^2 = 4096``), for the pooled one both are the full covariance.
+Prints the best of ``--repeats`` after a warm-up.
+
+    python benchmarks/bench_conv.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import widenets as wn
+
+
+def cnn(readout: wn.Layer) -> wn.Sequential:
+    layers = []
+    for _ in range(3):
+        layers += [wn.Conv2d(64, 3, padding="same", W_std=1.5, b_std=0.05), wn.ReLU()]
+    return wn.Sequential(*layers, readout, wn.Linear(1, W_std=1.5, b_std=0.05))
+
+
+WORKLOADS = {
+    "cnn-flatten 400x3x8x8": (lambda: cnn(wn.Flatten()), 400),
+    "cnn-gap 64x3x8x8": (lambda: cnn(wn.GlobalAvgPool()), 64),
+}
+
+
+def seconds(net: wn.Layer, x: torch.Tensor, spatial: str) -> float:
+    start = time.perf_counter()
+    net.kernel(x, None, get=("nngp", "ntk"), spatial=spatial)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64")
+    print(f"{'workload':<22} {'auto (s)':>9} {'us/pair':>8} {'full (s)':>9} {'auto/full':>10}")
+    for name, (make, n) in WORKLOADS.items():
+        net = make()
+        x = torch.randn(n, 3, 8, 8, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0))
+        seconds(net, x[:8], "auto")  # warm-up
+        auto, full = [], []
+        for _ in range(args.repeats):
+            auto.append(seconds(net, x, "auto"))
+            full.append(seconds(net, x, "full"))
+        pairs = n * (n + 1) / 2
+        print(f"{name:<22} {min(auto):>9.3f} {1e6 * min(auto) / pairs:>8.1f} "
+              f"{min(full):>9.3f} {min(auto) / min(full):>10.3f}")
+
+
+if __name__ == "__main__":
+    main()
