@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import widenets as wn
 from test_monte_carlo import (
     _one_thread,  # noqa: F401  (the autouse one-thread fixture)
-    _parameters,
+    check_build_is_reproducible,
     relative_error,
 )
 
@@ -242,27 +242,7 @@ def test_twin_output_shape(name, n_out):
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_build_is_reproducible_with_a_generator(name):
     factory, shape = ARCHITECTURES[name]
-    net = factory(8, n_out=2)
-    x1 = INPUTS[shape][0]
-
-    def build(seed: int) -> torch.nn.Module:
-        return net.build(SHAPES[shape], generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
-
-    first, again, other = build(7), build(7), build(8)
-    params, again_params, other_params = map(_parameters, (first, again, other))
-    assert params, "the twin has no parameters"
-    assert again_params.keys() == params.keys() == other_params.keys()
-    for key, value in params.items():
-        assert torch.equal(value, again_params[key]), key
-        assert not torch.equal(value, other_params[key]), key
-    assert torch.equal(first(x1), again(x1))
-    assert not torch.equal(first(x1), other(x1))
-    # One generator used twice gives two different twins (Monte Carlo relies on it).
-    generator = torch.Generator().manual_seed(7)
-    one = _parameters(net.build(SHAPES[shape], generator=generator, dtype=DTYPE))
-    two = _parameters(net.build(SHAPES[shape], generator=generator, dtype=DTYPE))
-    assert all(torch.equal(one[k], params[k]) for k in params)
-    assert not any(torch.equal(one[k], two[k]) for k in params)
+    check_build_is_reproducible(factory(8, n_out=2), SHAPES[shape], INPUTS[shape][0])
 
 
 def _patches(x: torch.Tensor, stride: int, padding: str) -> torch.Tensor:
