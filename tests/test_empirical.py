@@ -1,0 +1,180 @@
+"""Empirical NTK and NNGP of arbitrary modules against an explicit Jacobian.
+
+The reference Jacobian is built here with a plain autograd loop: one
+``torch.autograd.grad`` call per example and per output, over the trainable parameters.
+Every implementation of ``empirical_ntk``, with ``outputs="full"`` and ``"mean"``,
+``x2`` given and ``None``, and batch sizes that do not divide N, must match it to 1e-8
+relative in float64, on models with convolutions, BatchNorm in eval mode, several
+outputs and a frozen parameter; and the model must be left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import widenets as wn
+
+DTYPE = torch.float64
+IMPLEMENTATIONS = ["auto", "jacobian", "ntk_vector"]
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
+
+
+def cnn() -> nn.Module:
+    """Convolutions, BatchNorm with non-trivial running statistics (eval), a frozen bias."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.Conv2d(3, 2, 2, stride=2), nn.Flatten(), nn.Linear(2 * 2 * 2, 3),
+    ).to(DTYPE)
+    batch_norm = model[1]
+    batch_norm.running_mean.uniform_(-0.5, 0.5)
+    batch_norm.running_var.uniform_(0.5, 2.0)
+    model[3].bias.requires_grad_(False)
+    return model.eval()
+
+
+MODELS = {
+    "mlp": (mlp, (4,)),
+    "cnn": (cnn, (2, 5, 5)),
+}
+
+
+def inputs(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, dtype=DTYPE, generator=generator)
+
+
+def explicit_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(N, O, P)``: d f_o(x_n) / d theta by one autograd call per example and output."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for example in x:
+        out = model(example[None])[0]
+        rows.append(torch.stack([
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[o], params,
+                                                                   retain_graph=True)])
+            for o in range(out.shape[0])
+        ]))
+    return torch.stack(rows)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": copy.deepcopy(model.state_dict()),
+        "grads": {n: None if p.grad is None else p.grad.clone()
+                  for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    for name, value in before["state"].items():
+        assert torch.equal(after["state"][name], value), name
+    for name, grad in before["grads"].items():
+        if grad is None:
+            assert after["grads"][name] is None, name
+        else:
+            assert torch.equal(after["grads"][name], grad), name
+
+
+@pytest.mark.parametrize("second", ["x2=None", "x2=given"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_empirical_ntk_matches_explicit_jacobian(name, implementation, second):
+    make, shape = MODELS[name]
+    model = make()
+    x1 = inputs(shape, 5, seed=2)
+    x2 = None if second == "x2=None" else inputs(shape, 3, seed=3)
+    # Gradients already present must survive the call.
+    model(x1).sum().backward()
+    before = snapshot(model)
+
+    jac1 = explicit_jacobian(model, x1)
+    jac2 = jac1 if x2 is None else explicit_jacobian(model, x2)
+    expected_full = torch.einsum("aop,bqp->aboq", jac1, jac2)
+    expected_mean = torch.diagonal(expected_full, dim1=2, dim2=3).mean(dim=2)
+    # The reference loop itself must not count the frozen parameter.
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert jac1.shape[2] == n_trainable
+
+    full = wn.empirical_ntk(model, x1, x2, outputs="full", implementation=implementation,
+                            batch_size=2)
+    mean = wn.empirical_ntk(model, x1, x2, outputs="mean", implementation=implementation,
+                            batch_size=2)
+    n2 = 5 if x2 is None else 3
+    assert full.shape == (5, n2, 3, 3) and mean.shape == (5, n2)
+    assert relative_error(full, expected_full) < 1e-8
+    assert relative_error(mean, expected_mean) < 1e-8
+    torch.testing.assert_close(wn.empirical_ntk(model, x1, x2, implementation=implementation),
+                               mean, rtol=1e-12, atol=1e-12)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_empirical_nngp_full_and_mean(name):
+    make, shape = MODELS[name]
+    model = make()
+    x1, x2 = inputs(shape, 4, seed=4), inputs(shape, 3, seed=5)
+    before = snapshot(model)
+    with torch.no_grad():
+        f1, f2 = model(x1), model(x2)
+    full = wn.empirical_nngp(model, x1, x2, outputs="full")
+    assert full.shape == (4, 3, 3, 3)
+    torch.testing.assert_close(full[1, 2], torch.outer(f1[1], f2[2]), rtol=1e-13, atol=0)
+    torch.testing.assert_close(wn.empirical_nngp(model, x1, x2), f1 @ f2.T / 3, rtol=1e-13,
+                               atol=0)
+    torch.testing.assert_close(wn.empirical_nngp(model, x1, outputs="full"),
+                               torch.einsum("ao,bp->abop", f1, f1), rtol=1e-13, atol=0)
+    assert_unchanged(model, before)
+
+
+def test_training_mode_leaves_running_statistics_alone():
+    """A forward in training mode updates BatchNorm's running statistics; the empirical
+    NNGP must not, nor change the mode. The NTK refuses training-mode BatchNorm."""
+    model = cnn().train()
+    before = snapshot(model)
+    x = inputs((2, 5, 5), 3, seed=6)
+    wn.empirical_nngp(model, x)
+    for implementation in IMPLEMENTATIONS:
+        with pytest.raises(ValueError, match=r"BatchNorm layers in eval mode.*1 is in training"):
+            wn.empirical_ntk(model, x, implementation=implementation)
+    assert_unchanged(model, before)
+
+
+def test_bad_input():
+    model = mlp()
+    x = inputs((4,), 3, seed=7)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        wn.empirical_ntk(lambda t: t, x)
+    with pytest.raises(ValueError, match="outputs must be one of"):
+        wn.empirical_ntk(model, x, outputs="diagonal")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        wn.empirical_ntk(model, x, implementation="structured")
+    with pytest.raises(ValueError, match="model rejects inputs of shape"):
+        wn.empirical_ntk(model, inputs((5,), 3, seed=8))
+    with pytest.raises(ValueError, match="model rejects inputs of shape"):
+        wn.empirical_nngp(model, inputs((5,), 3, seed=8))
+    images = nn.Sequential(nn.Conv2d(2, 3, 3)).to(DTYPE)
+    with pytest.raises(ValueError, match=r"must be \(N,\) or \(N, outputs\)"):
+        wn.empirical_ntk(images, inputs((2, 5, 5), 2, seed=9))
+    frozen = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        wn.empirical_ntk(frozen, x)
+    with pytest.raises(TypeError, match="batch_size"):
+        wn.empirical_ntk(model, x, batch_size=2.0)
