@@ -42,6 +42,7 @@ from .layers import (
     Sin,
     Step,
 )
+from .linearize import TaylorExpansion, linearize, taylor_expand
 from .monte_carlo import monte_carlo_kernel
 
 __version__ = "0.1.0"
@@ -52,5 +53,5 @@ __all__ = [
     "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer", "LayerNorm", "LeakyReLU",
     "Linear", "Parallel", "Rbf", "RectifiedMonomial", "ReLU", "Residual", "Sequential",
     "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",
-    "predict", "__version__",
+    "predict", "__version__", "TaylorExpansion", "linearize", "taylor_expand",
 ]
