@@ -64,6 +64,13 @@ def pad_axis(t: torch.Tensor, dim: int, pad: AxisPadding) -> torch.Tensor:
     return F.pad(t, widths)
 
 
+def pad_images(x: torch.Tensor, pads: list[AxisPadding]) -> torch.Tensor:
+    """A batch ``(N, C, *sizes)`` padded along each spatial axis by its ``AxisPadding``."""
+    for dim, pad in enumerate(pads):
+        x = pad_axis(x, 2 + dim, pad)
+    return x
+
+
 def _window_slice(t: torch.Tensor, dims: tuple[int, ...], offset: int, stride: int, out: int):
     index = [slice(None)] * t.ndim
     for dim in dims:

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernel import Layout
-from ..spatial import PADDINGS, AxisPadding, pad_axis, padding, window_mean
-from .base import KernelState, Shape, single_kernel, single_shape
+from ..spatial import PADDINGS, AxisPadding, pad_axis, pad_images, padding, window_mean
+from .base import KernelState, Layer, Shape, single_kernel, single_shape
 from .dense import WeightedLayer, WeightedModule
 
 
@@ -35,23 +35,19 @@ def check_padding(value: object) -> str:
     return value
 
 
-def spatial_sizes(sizes: tuple[int, ...], ndim: int, owner: str) -> tuple[int, ...]:
-    """The spatial sizes of the input, checked against the layer's number of axes."""
-    if len(sizes) != ndim:
-        layout = ("L", "H, W", "D, H, W")[ndim - 1]
+def window_paddings(layer: Layer, sizes: tuple[int, ...]) -> list[AxisPadding]:
+    """The padding of each spatial axis of inputs of ``sizes`` for a windowed layer (a
+    convolution or a pooling: its ``ndim``, ``kernel_size``, ``stride`` and ``padding``),
+    after checking the number of spatial axes."""
+    owner = type(layer).__name__
+    if len(sizes) != layer.ndim:
+        layout = ("L", "H, W", "D, H, W")[layer.ndim - 1]
         raise ValueError(
-            f"{owner} needs inputs (N, C, {layout}) with {ndim} spatial axes, got a "
+            f"{owner} needs inputs (N, C, {layout}) with {layer.ndim} spatial axes, got a "
             f"representation with {len(sizes)} spatial axes"
         )
-    return sizes
-
-
-def axis_paddings(
-    sizes: tuple[int, ...], window: tuple[int, ...], stride: tuple[int, ...], mode: str,
-    owner: str,
-) -> list[AxisPadding]:
-    return [padding(n, w, s, mode, owner, axis)
-            for axis, (n, w, s) in enumerate(zip(sizes, window, stride))]
+    return [padding(n, w, s, layer.padding, owner, axis)
+            for axis, (n, w, s) in enumerate(zip(sizes, layer.kernel_size, layer.stride))]
 
 
 class Conv(WeightedLayer):
@@ -89,14 +85,9 @@ class Conv(WeightedLayer):
         self.stride = check_window(stride, self.ndim, "stride")
         self.padding = check_padding(padding)
 
-    def _paddings(self, sizes: tuple[int, ...]) -> list[AxisPadding]:
-        sizes = spatial_sizes(sizes, self.ndim, type(self).__name__)
-        return axis_paddings(sizes, self.kernel_size, self.stride, self.padding,
-                             type(self).__name__)
-
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
-        pads = self._paddings(k.layout.sizes)
+        pads = window_paddings(self, k.layout.sizes)
 
         def filter_mean(moment: torch.Tensor) -> torch.Tensor:
             for dim, pad in enumerate(pads):
@@ -116,7 +107,7 @@ class Conv(WeightedLayer):
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
         shape = single_shape(input_shape, self)
-        pads = self._paddings(shape[1:])
+        pads = window_paddings(self, shape[1:])
         module = FiniteConv(self, shape[0], generator)
         return module, (self.width, *(pad.out for pad in pads))
 
@@ -165,8 +156,7 @@ class FiniteConv(WeightedModule):
                 f"{name} expects inputs (N, {self.in_channels}, ...) with "
                 f"{self.layer.ndim} spatial axes, got shape {tuple(x.shape)}"
             )
-        for dim, pad in enumerate(self.layer._paddings(tuple(x.shape[2:]))):
-            x = pad_axis(x, 2 + dim, pad)
+        x = pad_images(x, window_paddings(self.layer, tuple(x.shape[2:])))
         convolve = _CONVOLUTIONS[self.layer.ndim]
         return convolve(x, self.weight_scale * self.weight, self.scaled_bias(),
                         stride=self.layer.stride)

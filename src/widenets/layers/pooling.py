@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernel import DENSE, Kernel, Layout
-from ..spatial import pad_axis, window_mean
+from ..spatial import pad_axis, pad_images, window_mean
 from .base import KernelState, Layer, Shape, single_kernel, single_shape
-from .conv import axis_paddings, check_padding, check_window, spatial_sizes
+from .conv import check_padding, check_window, window_paddings
 
 
 def _check_full_covariance(k: Kernel, layer: Layer) -> None:
@@ -52,14 +52,9 @@ class AvgPool(Layer):
             stride, self.ndim, "stride")
         self.padding = check_padding(padding)
 
-    def _paddings(self, sizes: tuple[int, ...]):
-        name = type(self).__name__
-        sizes = spatial_sizes(sizes, self.ndim, name)
-        return axis_paddings(sizes, self.kernel_size, self.stride, self.padding, name)
-
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
-        pads = self._paddings(k.layout.sizes)
+        pads = window_paddings(self, k.layout.sizes)
         _check_full_covariance(k, self)
 
         def pool(moment: torch.Tensor) -> torch.Tensor:
@@ -76,7 +71,7 @@ class AvgPool(Layer):
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
         shape = single_shape(input_shape, self)
-        pads = self._paddings(shape[1:])
+        pads = window_paddings(self, shape[1:])
         return FiniteAvgPool(self), (shape[0], *(pad.out for pad in pads))
 
 
@@ -109,8 +104,7 @@ class FiniteAvgPool(nn.Module):
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for dim, pad in enumerate(self.layer._paddings(tuple(x.shape[2:]))):
-            x = pad_axis(x, 2 + dim, pad)
+        x = pad_images(x, window_paddings(self.layer, tuple(x.shape[2:])))
         pool = _POOLINGS[self.layer.ndim]
         return pool(x, self.layer.kernel_size, self.layer.stride)
 
@@ -118,13 +112,11 @@ class FiniteAvgPool(nn.Module):
         return repr(self.layer)
 
 
-def _spatial_input(k: KernelState, layer: Layer) -> Kernel:
-    k = single_kernel(k, layer)
-    if not k.layout.sizes:
+def _check_spatial(spatial_axes: int, layer: Layer) -> None:
+    if spatial_axes == 0:
         raise ValueError(
             f"{type(layer).__name__} needs spatial inputs (N, C, ...), got (N, features)"
         )
-    return k
 
 
 class GlobalAvgPool(Layer):
@@ -137,7 +129,8 @@ class GlobalAvgPool(Layer):
     pools_positions = True
 
     def kernel_rule(self, k: KernelState) -> KernelState:
-        k = _spatial_input(k, self)
+        k = single_kernel(k, self)
+        _check_spatial(len(k.layout.sizes), self)
         _check_full_covariance(k, self)
         axes = tuple(range(-k.layout.ndim, 0))
         return k.map_linear(lambda m: m.mean(dim=axes)).replace(layout=DENSE)
@@ -146,8 +139,7 @@ class GlobalAvgPool(Layer):
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
         shape = single_shape(input_shape, self)
-        if len(shape) < 2:
-            raise ValueError("GlobalAvgPool needs spatial inputs (N, C, ...), got (N, features)")
+        _check_spatial(len(shape) - 1, self)
         return FiniteGlobalAvgPool(), (shape[0],)
 
 
