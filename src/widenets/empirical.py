@@ -7,6 +7,15 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from .inputs import as_input_pair, check_positive_int
+from .structured_ntk import (
+    AffineLayer,
+    find_affine_layers,
+    is_factored,
+    layer_ntk,
+    pair_costs,
+    structured_parts,
+    with_forward_hooks,
+)
 
 
 def _check_model(model: object) -> nn.Module:
@@ -41,7 +50,7 @@ def _as_outputs(out: torch.Tensor) -> torch.Tensor:
 
 
 OUTPUTS = ("mean", "full")
-IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vector")
+IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vector", "structured")
 
 
 def _check_choice(value: object, choices: tuple[str, ...], name: str) -> str:
@@ -115,27 +124,108 @@ def _jacobians(model: nn.Module, x: torch.Tensor, params: dict, buffers: dict):
     return vmap(jacrev(single), in_dims=(None, 0))(params, x)
 
 
+def _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs) -> torch.Tensor:
+    """``(N1, N2, ...)`` from per-batch parts: ``parts_of(batch)`` once per batch, then
+    ``contract(parts1, parts2)`` per pair of batches. With ``t2=None`` only the upper
+    triangle of blocks is contracted; the rest are their transposes."""
+    second = t1 if t2 is None else t2
+    batches2 = [(j, parts_of(second[j : j + batch_size]))
+                for j in range(0, second.shape[0], batch_size)]
+    batches1 = batches2 if t2 is None else (
+        (i, parts_of(t1[i : i + batch_size])) for i in range(0, t1.shape[0], batch_size)
+    )
+    blocks = {}
+    for i, parts1 in batches1:
+        for j, parts2 in batches2:
+            if t2 is None and j < i:
+                mirror = blocks[j, i].transpose(0, 1)
+                blocks[i, j] = mirror if outputs == "mean" else mirror.transpose(2, 3)
+            else:
+                blocks[i, j] = contract(parts1, parts2)
+    return _assemble(blocks, t1.shape[0], second.shape[0], batch_size)
+
+
+def _contract_jacobians(jac1: dict, jac2: dict, outputs: str) -> torch.Tensor:
+    """``sum_p J1[a, o, p] J2[b, o', p]`` over parameter Jacobians ``{name: (n, O, ...)}``:
+    ``(n1, n2, O, O)``, or only its diagonal outputs summed ``(n1, n2)`` for ``mean``."""
+    equation = "aop,bop->ab" if outputs == "mean" else "aop,bqp->aboq"
+    return sum(torch.einsum(equation, jac1[name].flatten(2), jac2[name].flatten(2))
+               for name in jac1)
+
+
 def _jacobian_contraction(model, t1, t2, params, buffers, batch_size, outputs):
     """Per-example Jacobians contracted over the parameters: ``(N1, N2, O, O)``, or only
     the mean of the diagonal blocks ``(N1, N2)`` for ``outputs="mean"``."""
-    equation = "aop,bop->ab" if outputs == "mean" else "aop,bqp->aboq"
-    second = t1 if t2 is None else t2
-    batches2 = [(j, _jacobians(model, second[j : j + batch_size], params, buffers))
-                for j in range(0, second.shape[0], batch_size)]
-    batches1 = batches2 if t2 is None else (
-        (i, _jacobians(model, t1[i : i + batch_size], params, buffers))
-        for i in range(0, t1.shape[0], batch_size)
-    )
-    blocks = {}
-    for i, jac1 in batches1:
-        for j, jac2 in batches2:
-            blocks[i, j] = sum(
-                torch.einsum(equation, jac1[name].flatten(2), jac2[name].flatten(2))
-                for name in params
-            )
-            if outputs == "mean":
-                blocks[i, j] /= next(iter(jac1.values())).shape[1]
-    return _assemble(blocks, t1.shape[0], second.shape[0], batch_size)
+
+    def contract(jac1, jac2):
+        block = _contract_jacobians(jac1, jac2, outputs)
+        return block / next(iter(jac1.values())).shape[1] if outputs == "mean" else block
+
+    return _pairwise_blocks(t1, t2, batch_size,
+                            lambda x: _jacobians(model, x, params, buffers), contract, outputs)
+
+
+def _probe(model, t1, params, buffers) -> tuple[list[AffineLayer], int]:
+    """The layers the structured implementation factors (see :mod:`.structured_ntk`) and
+    the number of outputs, from one forward pass of one example."""
+    n_out = []
+
+    def probe(hooks):
+        n_out.append(with_forward_hooks(
+            model, hooks, lambda: _call(model, params, buffers, t1[:1])).shape[1])
+
+    layers = find_affine_layers(model, params, probe)
+    return layers, n_out[0]
+
+
+def estimated_costs(
+    layers: list[AffineLayer], params: dict, n1: int, n2: int | None, n_out: int,
+    outputs: str,
+) -> dict[str, float]:
+    """Rough flop counts of each implementation (Novak et al. 2022, Table 1).
+
+    With ``FP`` the flops of one example's forward pass (dense and convolutional layers:
+    ``C F P``; other parameters: their count), ``Q`` the trainable parameters, ``O`` the
+    outputs, ``k = O`` (mean) or ``O^2`` (full) and ``pairs = N1 N2``:
+    Jacobian contraction ``3 N O FP + pairs k Q``; NTK-vector products
+    ``4 pairs O FP``; structured ``3 N O FP + pairs (k Q_rest + sum over layers of
+    min(P^2 (F + k C), k C F))``.
+    """
+    in_layers = {p for layer in layers for p in (layer.weight, layer.bias) if p}
+    rest = sum(p.numel() for name, p in params.items() if name not in in_layers)
+    total = sum(p.numel() for p in params.values())
+    forward = rest + sum(layer.channels * layer.features * layer.positions for layer in layers)
+    examples, pairs = n1 + (n2 or 0), n1 * (n2 or n1)
+    k = n_out if outputs == "mean" else n_out * n_out
+    reverse = 3 * examples * n_out * forward
+    per_layer = sum(min(pair_costs(layer, k)) for layer in layers)
+    return {
+        "jacobian": reverse + pairs * k * total,
+        "structured": reverse + pairs * (k * rest + per_layer),
+        "ntk_vector": 4 * pairs * n_out * forward,
+    }
+
+
+def _structured_contraction(model, t1, t2, params, buffers, batch_size, outputs, layers):
+    """Jacobians for the other parameters, per-layer factored contractions for ``layers``
+    (Novak et al. 2022, structured derivatives; see :mod:`.structured_ntk`)."""
+
+    def parts_of(x):
+        return structured_parts(model, lambda p, e: _call(model, p, buffers, e), x, params,
+                                layers)
+
+    def contract(parts1, parts2):
+        (rest1, layer_parts1), (rest2, layer_parts2) = parts1, parts2
+        block = _contract_jacobians(rest1, rest2, outputs) if rest1 else 0.0
+        for layer in layers:
+            block = block + layer_ntk(layer, layer_parts1[layer.name],
+                                      layer_parts2[layer.name], outputs)
+        if outputs == "mean":
+            n_out = next(iter(layer_parts1.values()))[0].shape[1]
+            block = block / n_out
+        return block
+
+    return _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs)
 
 
 def _ntk_vector_products(model, t1, t2, params, buffers, batch_size, outputs):
@@ -145,24 +235,21 @@ def _ntk_vector_products(model, t1, t2, params, buffers, batch_size, outputs):
     outputs, then ``J(x1) (J(x2)^T v)`` by a jvp (Novak et al. 2022, "Fast finite width
     neural tangent kernel": the NTK-vector products method).
     """
-    second = t1 if t2 is None else t2
-    blocks = {}
-    for i in range(0, t1.shape[0], batch_size):
-        rows = t1[i : i + batch_size]
-        for j in range(0, second.shape[0], batch_size):
-            cols = second[j : j + batch_size]
-            out2, pullback = vjp(lambda p, x=cols: _call(model, p, buffers, x), params)
-            n2, n_out = out2.shape
 
-            def column(v, x=rows, pullback=pullback):
-                (tangent,) = pullback(v)
-                return jvp(lambda p: _call(model, p, buffers, x), (params,), (tangent,))[1]
+    def block(rows, cols):
+        out2, pullback = vjp(lambda p: _call(model, p, buffers, cols), params)
+        n2, n_out = out2.shape
 
-            basis = torch.eye(n2 * n_out, dtype=out2.dtype, device=out2.device)
-            products = vmap(column)(basis.reshape(n2 * n_out, n2, n_out))  # (n2 O, n1, O)
-            block = products.reshape(n2, n_out, rows.shape[0], n_out).permute(2, 0, 3, 1)
-            blocks[i, j] = _reduce_outputs(block, outputs)
-    return _assemble(blocks, t1.shape[0], second.shape[0], batch_size)
+        def column(v):
+            (tangent,) = pullback(v)
+            return jvp(lambda p: _call(model, p, buffers, rows), (params,), (tangent,))[1]
+
+        basis = torch.eye(n2 * n_out, dtype=out2.dtype, device=out2.device)
+        products = vmap(column)(basis.reshape(n2 * n_out, n2, n_out))  # (n2 O, n1, O)
+        full = products.reshape(n2, n_out, rows.shape[0], n_out).permute(2, 0, 3, 1)
+        return _reduce_outputs(full, outputs)
+
+    return _pairwise_blocks(t1, t2, batch_size, lambda x: x, block, outputs)
 
 
 def _assemble(blocks: dict, n1: int, n2: int, batch_size: int) -> torch.Tensor:
@@ -209,6 +296,18 @@ def empirical_ntk(
     if not params:
         raise ValueError("model has no trainable parameters: its NTK is zero")
     buffers = _buffer_copies(model)
-    method = _ntk_vector_products if implementation == "ntk_vector" else _jacobian_contraction
+    layers, n_out = _probe(model, t1, params, buffers)
+    if implementation == "auto":
+        costs = estimated_costs(layers, params, t1.shape[0], None if t2 is None else t2.shape[0],
+                                n_out, outputs)
+        if not any(is_factored(layer, n_out if outputs == "mean" else n_out**2)
+                   for layer in layers):
+            del costs["structured"]  # the same work as the Jacobian, with more steps
+        implementation = min(costs, key=costs.get)
+    arguments = (model, t1, t2, params, buffers, batch_size, outputs)
     with torch.no_grad():
-        return method(model, t1, t2, params, buffers, batch_size, outputs)
+        if implementation == "structured" and layers:
+            return _structured_contraction(*arguments, layers)
+        if implementation == "ntk_vector":
+            return _ntk_vector_products(*arguments)
+        return _jacobian_contraction(*arguments)
