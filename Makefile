@@ -25,6 +25,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_kernels.py
 	$(VPY) benchmarks/bench_conv.py
+	$(VPY) benchmarks/bench_empirical.py
 
 clean:
 	rm -rf $(VENV) demo-output

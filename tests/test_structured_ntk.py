@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
+import widenets as wn
 from test_empirical import (
     DTYPE,
     assert_unchanged,
@@ -14,9 +17,6 @@ from test_empirical import (
     relative_error,
     snapshot,
 )
-from torch import nn
-
-import widenets as wn
 from widenets import empirical, structured_ntk
 
 
@@ -75,12 +75,12 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("form", ["factored", "jacobian", "by cost"])
+@pytest.mark.parametrize("form", ["all factored", "none factored", "by cost"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_structured_matches_explicit_jacobian(name, form, monkeypatch):
     if form != "by cost":
         monkeypatch.setattr(structured_ntk, "is_factored",
-                            lambda layer, pairs: form == "factored")
+                            lambda layer, pairs: form == "all factored")
     make, shape = MODELS[name]
     model = make()
     x1, x2 = inputs(shape, 5, seed=10), inputs(shape, 3, seed=11)

@@ -9,8 +9,8 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from .inputs import as_input_pair, check_positive_int
 from .structured_ntk import (
     AffineLayer,
+    factored_layers,
     find_affine_layers,
-    is_factored,
     layer_ntk,
     pair_costs,
     structured_parts,
@@ -188,22 +188,32 @@ def estimated_costs(
     ``C F P``; other parameters: their count), ``Q`` the trainable parameters, ``O`` the
     outputs, ``k = O`` (mean) or ``O^2`` (full) and ``pairs = N1 N2``:
     Jacobian contraction ``3 N O FP + pairs k Q``; NTK-vector products
-    ``4 pairs O FP``; structured ``3 N O FP + pairs (k Q_rest + sum over layers of
-    min(P^2 (F + k C), k C F))``.
+    ``4 pairs O FP``; structured, over the layers where factoring is cheaper,
+    ``3 N O FP + pairs (k Q_rest + sum over those layers of P^2 (F + k C))``. Without
+    such layers the structured form is the Jacobian contraction and is not offered.
     """
-    in_layers = {p for layer in layers for p in (layer.weight, layer.bias) if p}
-    rest = sum(p.numel() for name, p in params.items() if name not in in_layers)
-    total = sum(p.numel() for p in params.values())
-    forward = rest + sum(layer.channels * layer.features * layer.positions for layer in layers)
+    def parameter_count(names) -> int:
+        return sum(params[name].numel() for name in names)
+
+    def layer_parameters(chosen):
+        return {p for layer in chosen for p in (layer.weight, layer.bias) if p}
+
+    total = parameter_count(params)
+    forward = total - parameter_count(layer_parameters(layers)) + sum(
+        layer.channels * layer.features * layer.positions for layer in layers)
     examples, pairs = n1 + (n2 or 0), n1 * (n2 or n1)
     k = n_out if outputs == "mean" else n_out * n_out
     reverse = 3 * examples * n_out * forward
-    per_layer = sum(min(pair_costs(layer, k)) for layer in layers)
-    return {
+    costs = {
         "jacobian": reverse + pairs * k * total,
-        "structured": reverse + pairs * (k * rest + per_layer),
         "ntk_vector": 4 * pairs * n_out * forward,
     }
+    factored = factored_layers(layers, outputs, n_out)
+    if factored:
+        rest = total - parameter_count(layer_parameters(factored))
+        per_layer = sum(pair_costs(layer, k)[0] for layer in factored)
+        costs["structured"] = reverse + pairs * (k * rest + per_layer)
+    return costs
 
 
 def _structured_contraction(model, t1, t2, params, buffers, batch_size, outputs, layers):
@@ -279,9 +289,13 @@ def empirical_ntk(
             blocks, directly comparable to ``net.kernel(x1, x2, get="ntk")``.
         implementation: ``"jacobian"`` (per-example Jacobians with ``torch.func.jacrev``
             under ``vmap``, contracted over the parameters), ``"ntk_vector"``
-            (vjp then jvp, no Jacobian held) or ``"auto"`` (currently ``"jacobian"``).
-            Both give the same numbers.
-        batch_size: examples per block; memory is bounded by one block's Jacobians.
+            (vjp then jvp, no Jacobian held), ``"structured"`` (dense and convolutional
+            layers contracted per layer from their output cotangents and inputs, see
+            :mod:`widenets.structured_ntk`) or ``"auto"``: the cheapest by the flop
+            counts of :func:`estimated_costs`. All give the same numbers.
+        batch_size: examples per block. Memory holds the Jacobians (or cotangents) of
+            all of ``x2``'s blocks and one of ``x1``'s; with ``x2=None`` only the upper
+            triangle of blocks is contracted.
 
     BatchNorm layers must be in eval mode (a ``ValueError`` otherwise): in training mode
     their batch statistics couple the examples of a batch.
@@ -300,14 +314,12 @@ def empirical_ntk(
     if implementation == "auto":
         costs = estimated_costs(layers, params, t1.shape[0], None if t2 is None else t2.shape[0],
                                 n_out, outputs)
-        if not any(is_factored(layer, n_out if outputs == "mean" else n_out**2)
-                   for layer in layers):
-            del costs["structured"]  # the same work as the Jacobian, with more steps
         implementation = min(costs, key=costs.get)
+    factored = factored_layers(layers, outputs, n_out)
     arguments = (model, t1, t2, params, buffers, batch_size, outputs)
     with torch.no_grad():
-        if implementation == "structured" and layers:
-            return _structured_contraction(*arguments, layers)
+        if implementation == "structured" and factored:
+            return _structured_contraction(*arguments, factored)
         if implementation == "ntk_vector":
             return _ntk_vector_products(*arguments)
         return _jacobian_contraction(*arguments)

@@ -11,12 +11,14 @@ parameter-sized Jacobian. For a dense or convolutional layer with output positio
     G_{o o'}[p, p'] = sum_c g1_o[c, p] g2_o'[c, p'],   Phi[p, p'] = sum_f phi1[f, p] phi2[f, p']
 
 (``s``: the weight's scale in the forward, ``beta``: the bias's; a frozen weight or bias
-drops its term). This *factored* form costs ``P^2 (C + F)`` per pair of examples against
-``C F`` for contracting the layer's Jacobians; the cheaper of the two is used per layer
-(a dense layer, ``P = 1``, is always factored). The cotangents of all such layers come
-from one reverse pass per output (a zero added to each layer's output, differentiated);
-the remaining parameters (normalisations, layers used twice, grouped convolutions) are
-contracted through their Jacobians as usual.
+drops its term). This *factored* form costs ``P^2 (F + k C)`` per pair of examples
+against ``k C F`` for contracting the layer's Jacobians (``k`` pairs of outputs); layers
+where it is cheaper (every dense layer on ``(N, features)``, ``P = 1``; convolutions
+with few output positions) are factored, the others keep their Jacobians. The
+cotangents of the factored layers come from the same reverse pass per output as the
+other Jacobians (a zero added to each such layer's output, differentiated, instead of
+the layer's weight); the remaining parameters (other layers, normalisations, layers
+used twice, grouped convolutions) are contracted through their Jacobians as usual.
 
 Layers recognised: ``torch.nn.Linear``, ``torch.nn.Conv1d/2d/3d`` (``groups=1``, any
 padding mode, stride and dilation) and widenets' finite twins ``FiniteLinear`` and
@@ -223,26 +225,16 @@ def is_factored(layer: AffineLayer, output_pairs: int) -> bool:
     return factored <= jacobian
 
 
-def layer_jacobian(layer: AffineLayer, g: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """The layer's parameter Jacobian ``(n, O, C F [+ C])`` from its parts."""
-    _, beta = layer.scales
-    blocks = []
-    if layer.weight:
-        blocks.append(torch.einsum("aocp,afp->aocf", g, phi).flatten(2))
-    if layer.bias:
-        blocks.append(beta * g.sum(dim=3))
-    return torch.cat(blocks, dim=2)
+def factored_layers(layers: list[AffineLayer], outputs: str, n_out: int) -> list[AffineLayer]:
+    """The layers cheaper in the factored form; the others stay with the Jacobian."""
+    output_pairs = n_out if outputs == "mean" else n_out * n_out
+    return [layer for layer in layers if is_factored(layer, output_pairs)]
 
 
 def layer_ntk(layer: AffineLayer, part1, part2, outputs: str) -> torch.Tensor:
     """The layer's NTK share between two batches: ``(n1, n2)`` summed over the diagonal
     outputs (``mean``) or ``(n1, n2, O, O)`` (``full``)."""
     (g1, phi1), (g2, phi2) = part1, part2
-    n_out = g1.shape[1]
-    if not is_factored(layer, n_out if outputs == "mean" else n_out * n_out):
-        jac1, jac2 = layer_jacobian(layer, g1, phi1), layer_jacobian(layer, g2, phi2)
-        equation = "aoj,boj->ab" if outputs == "mean" else "aoj,bqj->aboq"
-        return torch.einsum(equation, jac1, jac2)
     _, beta = layer.scales
     n1, n2, positions = g1.shape[0], g2.shape[0], layer.positions
     if layer.weight:
