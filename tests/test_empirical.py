@@ -178,3 +178,28 @@ def test_bad_input():
         wn.empirical_ntk(frozen, x)
     with pytest.raises(TypeError, match="batch_size"):
         wn.empirical_ntk(model, x, batch_size=2.0)
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector", "structured"])
+def test_memory_bounded_batches_give_the_same_kernel(implementation, monkeypatch):
+    """With no room to keep x2's per-batch Jacobians, they are recomputed for every batch
+    of x1 (bounded memory) and the kernel is unchanged."""
+    from widenets import empirical
+
+    model = cnn()
+    x1, x2 = inputs((2, 5, 5), 5, seed=12), inputs((2, 5, 5), 4, seed=13)
+    kept = {second is None: wn.empirical_ntk(model, x1, second, outputs="full",
+                                             implementation=implementation, batch_size=2)
+            for second in (None, x2)}
+    calls = []
+    original = empirical._jacobians
+    monkeypatch.setattr(empirical, "_jacobians", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(empirical, "PARTS_CACHE_BYTES", 0)
+    for second in (None, x2):
+        calls.clear()
+        recomputed = wn.empirical_ntk(model, x1, second, outputs="full",
+                                      implementation=implementation, batch_size=2)
+        torch.testing.assert_close(recomputed, kept[second is None], rtol=1e-13, atol=1e-13)
+        if implementation == "jacobian":
+            # 3 row batches; x2=None: 3 + 2 + 1 column batches; x2 given: 3 x 2.
+            assert len(calls) == (3 + 3 + 2 + 1 if second is None else 3 + 3 * 2)

@@ -124,24 +124,54 @@ def _jacobians(model: nn.Module, x: torch.Tensor, params: dict, buffers: dict):
     return vmap(jacrev(single), in_dims=(None, 0))(params, x)
 
 
+#: Bytes of per-batch Jacobians (or cotangents) of ``x2`` kept for reuse across the
+#: batches of ``x1``; batches beyond it are recomputed for every batch of ``x1``, so memory
+#: stays bounded for large inputs and large models.
+PARTS_CACHE_BYTES = 2**30
+
+
+def _nbytes(parts: object) -> int:
+    """Bytes held by the tensors in nested dicts, tuples and lists."""
+    if isinstance(parts, torch.Tensor):
+        return parts.numel() * parts.element_size()
+    if isinstance(parts, dict):
+        return sum(_nbytes(value) for value in parts.values())
+    if isinstance(parts, (tuple, list)):
+        return sum(_nbytes(value) for value in parts)
+    return 0
+
+
 def _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs) -> torch.Tensor:
-    """``(N1, N2, ...)`` from per-batch parts: ``parts_of(batch)`` once per batch, then
-    ``contract(parts1, parts2)`` per pair of batches. With ``t2=None`` only the upper
-    triangle of blocks is contracted; the rest are their transposes."""
+    """``(N1, N2, ...)`` from per-batch parts: ``parts_of(batch)``, then
+    ``contract(parts1, parts2)`` per pair of batches.
+
+    The parts of ``x2``'s batches are kept while they fit in :data:`PARTS_CACHE_BYTES`
+    and recomputed otherwise. With ``t2=None`` only the upper triangle of blocks is
+    contracted; the rest are their transposes.
+    """
     second = t1 if t2 is None else t2
-    batches2 = [(j, parts_of(second[j : j + batch_size]))
-                for j in range(0, second.shape[0], batch_size)]
-    batches1 = batches2 if t2 is None else (
-        (i, parts_of(t1[i : i + batch_size])) for i in range(0, t1.shape[0], batch_size)
-    )
+    cache: dict[int, object] = {}
+    cached_bytes = 0
+
+    def column_parts(start: int):
+        nonlocal cached_bytes
+        if start in cache:
+            return cache[start]
+        value = parts_of(second[start : start + batch_size])
+        size = _nbytes(value)
+        if cached_bytes + size <= PARTS_CACHE_BYTES:
+            cache[start], cached_bytes = value, cached_bytes + size
+        return value
+
     blocks = {}
-    for i, parts1 in batches1:
-        for j, parts2 in batches2:
+    for i in range(0, t1.shape[0], batch_size):
+        parts1 = column_parts(i) if t2 is None else parts_of(t1[i : i + batch_size])
+        for j in range(0, second.shape[0], batch_size):
             if t2 is None and j < i:
                 mirror = blocks[j, i].transpose(0, 1)
                 blocks[i, j] = mirror if outputs == "mean" else mirror.transpose(2, 3)
             else:
-                blocks[i, j] = contract(parts1, parts2)
+                blocks[i, j] = contract(parts1, column_parts(j))
     return _assemble(blocks, t1.shape[0], second.shape[0], batch_size)
 
 
@@ -293,9 +323,10 @@ def empirical_ntk(
             layers contracted per layer from their output cotangents and inputs, see
             :mod:`widenets.structured_ntk`) or ``"auto"``: the cheapest by the flop
             counts of :func:`estimated_costs`. All give the same numbers.
-        batch_size: examples per block. Memory holds the Jacobians (or cotangents) of
-            all of ``x2``'s blocks and one of ``x1``'s; with ``x2=None`` only the upper
-            triangle of blocks is contracted.
+        batch_size: examples per block. The Jacobians (or cotangents) of ``x2``'s
+            blocks are kept up to :data:`PARTS_CACHE_BYTES` (1 GiB) and recomputed
+            beyond, so memory stays bounded; with ``x2=None`` only the upper triangle
+            of blocks is contracted.
 
     BatchNorm layers must be in eval mode (a ``ValueError`` otherwise): in training mode
     their batch statistics couple the examples of a batch.
