@@ -5,7 +5,7 @@ Exact NNGP and NTK kernels of an architecture, its finite-width twin as a
 any module, and the predictions of the infinitely wide network.
 """
 
-from . import predict
+from . import experiments, predict
 from .empirical import empirical_nngp, empirical_ntk
 from .kernel import Kernel, Kernels
 from .layers import (
@@ -53,5 +53,5 @@ __all__ = [
     "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer", "LayerNorm", "LeakyReLU",
     "Linear", "Parallel", "Rbf", "RectifiedMonomial", "ReLU", "Residual", "Sequential",
     "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",
-    "predict", "__version__", "TaylorExpansion", "linearize", "taylor_expand",
+    "experiments", "predict", "__version__", "TaylorExpansion", "linearize", "taylor_expand",
 ]

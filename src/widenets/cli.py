@@ -4,6 +4,10 @@ Subcommands (one function each, registered in :data:`COMMANDS`):
 
 * ``widenets demo``: infinite vs finite networks on scikit-learn's digits (see
   :mod:`widenets.demo`); writes ``report.md`` and ``demo.png`` into ``--out``.
+* ``widenets lazy``: the lazy regime measured on the digits: finite networks of several
+  widths trained beside their linearizations (see
+  :func:`widenets.experiments.lazy_training`); writes ``losses.png``, ``scaling.png``
+  and ``report.md`` into ``--out`` and prints the fitted slopes against width.
 
 To add a subcommand, write ``add_<name>_parser(subparsers)`` that creates its parser and
 sets ``handler`` (a function of the parsed arguments returning an exit status) with
@@ -13,6 +17,7 @@ sets ``handler`` (a function of the parsed arguments returning an exit status) w
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -40,6 +45,17 @@ def nonnegative_int(text: str) -> int:
         ) from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -131,9 +147,100 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- lazy
+def add_lazy_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``widenets lazy``."""
+    from .experiments import (
+        DEFAULT_HIDDEN_LAYERS,
+        DEFAULT_N_TRAIN,
+        DEFAULT_NTK_POINTS,
+        DEFAULT_STEPS,
+        DEFAULT_WIDTHS,
+    )
+
+    parser = subparsers.add_parser(
+        "lazy",
+        help="the lazy regime measured: networks of growing width vs their linearization",
+        description=(
+            "Train fully connected ReLU networks of several widths on scikit-learn's digits "
+            "by full-batch gradient descent, each beside its linearization, and measure "
+            "how the relative change of the weights and of the empirical NTK, and the "
+            "distance to the linearization, fall with the width. Writes losses.png, "
+            "scaling.png and report.md into the output folder and prints the fitted "
+            "log-log slopes."
+        ),
+    )
+    parser.add_argument("--out", default="widenets-lazy", metavar="DIR",
+                        help="output folder (default: %(default)s)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="seed of the data split and the networks (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
+                        help="gradient-descent steps (default: %(default)s)")
+    parser.add_argument(
+        "--widths", type=width_list, nargs="+", default=None, metavar="W",
+        help="hidden widths, e.g. '--widths 64 256 1024' or '--widths 64,256,1024' "
+             f"(default: {','.join(map(str, DEFAULT_WIDTHS))})",
+    )
+    parser.add_argument("--n-train", type=positive_int, default=DEFAULT_N_TRAIN,
+                        help="training images (default: %(default)s)")
+    parser.add_argument("--learning-rate", type=positive_float, default=None, metavar="LR",
+                        help="gradient-descent step size (default: 1 / the largest "
+                             "eigenvalue of the infinite network's training NTK)")
+    parser.add_argument("--hidden-layers", type=positive_int, default=DEFAULT_HIDDEN_LAYERS,
+                        help="hidden ReLU layers; with 2 or more the hidden-to-hidden "
+                             "weights make the NTK and the linearization far costlier "
+                             "(e.g. 2 layers with --ntk-points 20: a few minutes) "
+                             "(default: %(default)s)")
+    parser.add_argument("--ntk-points", type=positive_int, default=DEFAULT_NTK_POINTS,
+                        help="training images on which the empirical NTK is evaluated, "
+                             "the first of the training set; its cost grows as the square "
+                             "(default: %(default)s)")
+    parser.add_argument("--record-every", type=positive_int, default=None, metavar="K",
+                        help="steps between recorded weight and NTK changes "
+                             "(default: steps / 10)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(handler=run_lazy_command, parser=parser)
+    return parser
+
+
+def run_lazy_command(args: argparse.Namespace) -> int:
+    """Run ``widenets lazy`` with parsed arguments; print the output paths and slopes."""
+    from .demo import N_DIGITS
+    from .experiments import DEFAULT_WIDTHS, run_lazy, summary
+
+    widths = DEFAULT_WIDTHS if args.widths is None else [w for ws in args.widths for w in ws]
+    if not 10 <= args.n_train < N_DIGITS:
+        args.parser.error(f"--n-train must be between 10 and {N_DIGITS - 1}, got {args.n_train}")
+    if len(set(widths)) != len(widths):
+        args.parser.error(f"--widths must be distinct, got {','.join(map(str, widths))}")
+    try:
+        result = run_lazy(
+            out_dir=args.out,
+            widths=widths,
+            steps=args.steps,
+            n_train=args.n_train,
+            seed=args.seed,
+            learning_rate=args.learning_rate,
+            hidden_layers=args.hidden_layers,
+            ntk_points=args.ntk_points,
+            record_every=args.record_every,
+            progress=not args.no_progress,
+        )
+    except (ImportError, RuntimeError) as error:
+        print(f"widenets lazy: {error}", file=sys.stderr)
+        return 1
+    print(f"report:  {result.report}")
+    for name, path in result.figures.items():
+        print(f"{name + ':':<8} {path}")
+    for line in summary(result):
+        print(line)
+    return 0
+
+
 #: Functions registering one subcommand each.
 COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
     add_demo_parser,
+    add_lazy_parser,
 ]
 
 
