@@ -45,13 +45,77 @@ def _cholesky(matrix: Tensor, what: str) -> Tensor:
     return factor
 
 
+#: What predictions accept as their kernels: an architecture, or a function
+#: ``kernel_fn(x1, x2, get) -> (N1, N2)`` tensor (``x2=None``: ``x1``).
+KernelSource = Layer | Callable[..., Tensor]
+
+
+class _Kernels:
+    """Kernels from an architecture or a kernel function, in float64; the training
+    kernels are computed once and kept."""
+
+    def __init__(self, net_or_kernels: object) -> None:
+        if isinstance(net_or_kernels, Layer):
+            self.net, self.kernel_fn = net_or_kernels, None
+        elif callable(net_or_kernels):
+            self.net, self.kernel_fn = None, net_or_kernels
+        else:
+            raise TypeError(
+                "net_or_kernels must be a widenets layer or a function "
+                f"kernel_fn(x1, x2, get) -> (N1, N2) tensor, got {type(net_or_kernels).__name__}"
+            )
+        self.training: dict[str, Tensor] = {}
+
+    def __call__(self, x1: Tensor, x2: Tensor | None, names: tuple[str, ...]) -> dict[str, Tensor]:
+        n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
+        if self.net is not None:
+            kernels = self.net.kernel(x1, x2, get=names)
+            values = {name: kernels[name] for name in names}
+        else:
+            values = {name: torch.as_tensor(self.kernel_fn(x1, x2, name)) for name in names}
+        for name, value in values.items():
+            if tuple(value.shape) != (n1, n2):
+                raise ValueError(
+                    f"the {name} kernel function must return a ({n1}, {n2}) tensor, got "
+                    f"{tuple(value.shape)}"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"the {name} kernel has NaN or inf values")
+        return {name: value.to(torch.float64) for name, value in values.items()}
+
+    def train(self, x_train: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+        """``K(X, X)`` for each name, symmetrised, computed once."""
+        missing = tuple(name for name in names if name not in self.training)
+        if missing:
+            for name, value in self(x_train, None, missing).items():
+                self.training[name] = 0.5 * (value + value.T)
+        return {name: self.training[name] for name in names}
+
+
+def _check_get(get: object) -> str:
+    names = parse_get(get)
+    if len(names) != 1:
+        raise ValueError(f"get must be 'nngp' or 'ntk' here, got {get!r}")
+    return names[0]
+
+
+def _training_data(x_train: object, y_train: object) -> tuple[Tensor, Tensor, bool]:
+    xt = as_data_tensor(x_train, "x_train")
+    is_vector = getattr(y_train, "ndim", None) == 1
+    return xt, _as_targets(y_train, xt.shape[0]).to(torch.float64), is_vector
+
+
 def gp_inference(
-    net: Layer,
+    net_or_kernels: KernelSource,
     x_train: object,
     y_train: object,
     diag_reg: float = 0.0,
 ) -> Callable[..., tuple[Tensor, Tensor | None]]:
     r"""The exact Gaussian-process posterior of an infinitely wide network.
+
+    ``net_or_kernels``: an architecture (its ``kernel``), or any function
+    ``kernel_fn(x1, x2, get) -> (N1, N2)`` tensor (``x2=None`` meaning ``x1``), e.g.
+    one wrapping an empirical or Monte Carlo kernel.
 
     Returns ``fn(x_test, get="nngp", compute_cov=True) -> (mean, cov)`` with, for the
     chosen kernel ``K`` (NNGP: Bayesian inference of the network; NTK: the NTK used as
@@ -62,19 +126,17 @@ def gp_inference(
 
     ``mean`` has the shape of ``y`` with ``len(x_test)`` rows; ``cov`` is
     ``(len(x_test), len(x_test))`` (``None`` unless ``compute_cov``). The training
-    kernel and its Cholesky factor are computed once per ``get``.
+    kernel and its Cholesky factor are computed once per ``get``; a training kernel that
+    is not positive definite raises a ``ValueError`` suggesting ``diag_reg``.
     """
-    if not isinstance(net, Layer):
-        raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")
-    xt = as_data_tensor(x_train, "x_train")
-    is_vector = getattr(y_train, "ndim", None) == 1
-    yt = _as_targets(y_train, xt.shape[0]).to(torch.float64)
+    kernels = _Kernels(net_or_kernels)
+    xt, yt, is_vector = _training_data(x_train, y_train)
     reg = check_nonnegative(diag_reg, "diag_reg")
     factors: dict[str, tuple[Tensor, Tensor]] = {}
 
     def factor(get: str) -> tuple[Tensor, Tensor]:
         if get not in factors:
-            k = net.kernel(xt, None, get=get).to(torch.float64)
+            k = kernels.train(xt, (get,))[get]
             k = k + reg * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
             chol = _cholesky(k, f"training {get.upper()} kernel")
             factors[get] = (chol, torch.cholesky_solve(yt.to(k.device), chol))
@@ -83,19 +145,113 @@ def gp_inference(
     def predict(
         x_test: object, get: str = "nngp", compute_cov: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        names = parse_get(get)
-        if len(names) != 1:
-            raise ValueError(f"get must be 'nngp' or 'ntk' here, got {get!r}")
+        name = _check_get(get)
         xs = as_data_tensor(x_test, "x_test")
-        chol, alpha = factor(names[0])
-        k_tx = net.kernel(xs, xt.to(xs.dtype), get=get).to(torch.float64)
+        chol, alpha = factor(name)
+        k_tx = kernels(xs, xt.to(xs.dtype), (name,))[name]
         mean = _restore(k_tx @ alpha, is_vector).to(xs.dtype)
         if not compute_cov:
             return mean, None
         v = torch.linalg.solve_triangular(chol, k_tx.T, upper=False)
-        k_tt = net.kernel(xs, None, get=get).to(torch.float64)
+        k_tt = kernels(xs, None, (name,))[name]
         cov = k_tt - v.T @ v
         return mean, (0.5 * (cov + cov.T)).to(xs.dtype)
+
+    return predict
+
+
+class _Spectrum:
+    """Eigendecomposition of a regularised training kernel ``T + diag_reg I``, once.
+
+    Eigenvalues below ``N eps`` times the largest are treated as zero: gradient flow
+    does not move along them, and at ``t = inf`` their component is dropped (the
+    minimum-norm solution). A clearly negative eigenvalue raises a ``ValueError``.
+    """
+
+    def __init__(self, k: Tensor, diag_reg: float, what: str) -> None:
+        k = 0.5 * (k + k.T) + diag_reg * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+        eigenvalues, self.vectors = torch.linalg.eigh(k)
+        scale = float(eigenvalues.abs().max())
+        tolerance = scale * k.shape[0] * torch.finfo(k.dtype).eps
+        if float(eigenvalues.min()) < -max(tolerance, 1e-12 * scale) * 10:
+            raise ValueError(
+                f"{what} is not positive semi-definite (smallest eigenvalue "
+                f"{float(eigenvalues.min()):.3g}); pass diag_reg > 0"
+            )
+        self.values = torch.where(eigenvalues > tolerance, eigenvalues,
+                                  torch.zeros_like(eigenvalues))
+
+
+def gradient_descent_mse_ensemble(
+    net_or_kernels: KernelSource,
+    x_train: object,
+    y_train: object,
+    learning_rate: float = 1.0,
+    diag_reg: float = 0.0,
+) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    r"""Mean and covariance, over initialisations, of the infinitely wide network trained
+    by gradient flow on ``L = 1/2 sum (f - y)^2`` for a time ``t``.
+
+    Lee et al. 2019, "Wide neural networks of any depth evolve as linear models under
+    gradient descent", eqs. (14)-(16). With ``T`` the NTK, ``K`` the NNGP,
+    ``T_r = T(X, X) + diag_reg I`` and ``M = I - exp(-lr T_r t)``::
+
+        mean = T(x, X) T_r^{-1} M y
+        P    = T(x, X) T_r^{-1} M
+        cov  = K(x, x) + P K(X, X) P^T - P K(X, x) - K(x, X) P^T
+
+    ``get="nngp"`` is the same with the NNGP in place of the NTK (only the read-out
+    layer trained: Bayesian-like inference whose ``t = inf`` limit is the NNGP posterior
+    mean). ``T_r^{-1} M`` is ``V diag((1 - exp(-lr lambda t)) / lambda) V^T`` from the
+    eigendecomposition of ``T_r``, computed once per training set and ``get``; zero
+    eigenvalues (duplicate points with ``diag_reg=0``) contribute ``lr t`` at finite
+    ``t`` and nothing at ``t = inf``, so the answer stays finite.
+
+    Returns ``fn(x_test, t=None, get="ntk", compute_cov=True) -> (mean, cov)``: ``t`` a
+    number, a 1-D tensor of times (a leading time axis is added) or ``None`` for
+    ``t = inf``; ``mean`` has the shape of ``y`` with ``len(x_test)`` rows; ``cov`` is
+    ``(len(x_test), len(x_test))`` (``None`` unless ``compute_cov``).
+    """
+    kernels = _Kernels(net_or_kernels)
+    xt, yt, is_vector = _training_data(x_train, y_train)
+    lr = check_nonnegative(learning_rate, "learning_rate")
+    reg = check_nonnegative(diag_reg, "diag_reg")
+    spectra: dict[str, tuple[_Spectrum, Tensor]] = {}
+
+    def spectrum(get: str) -> tuple[_Spectrum, Tensor]:
+        if get not in spectra:
+            k = kernels.train(xt, (get,))[get]
+            decomposition = _Spectrum(k, reg, f"the training {get.upper()} kernel")
+            spectra[get] = (decomposition, decomposition.vectors.T @ yt.to(k.device))
+        return spectra[get]
+
+    def predict(
+        x_test: object, t: float | Tensor | None = None, get: str = "ntk",
+        compute_cov: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        name = _check_get(get)
+        xs = as_data_tensor(x_test, "x_test")
+        times, scalar_time = _as_times(t)
+        decomposition, projected_y = spectrum(name)
+        names = ("nngp", "ntk") if compute_cov and name == "ntk" else (name,)
+        k_tx = kernels(xs, xt.to(xs.dtype), names)
+        device = decomposition.vectors.device
+        _, gain = _spectral_filters(decomposition.values, lr, times.to(device), False)
+        # T(x, X) V: (M, N); P(t) = T(x, X) V diag(gain_t) V^T.
+        test_modes = k_tx[name].to(device) @ decomposition.vectors
+        mean = torch.einsum("mk,tk,ko->tmo", test_modes, gain, projected_y)
+        cov = None
+        if compute_cov:
+            p = torch.einsum("mk,tk,nk->tmn", test_modes, gain, decomposition.vectors)
+            k_train = kernels.train(xt, ("nngp",))["nngp"].to(device)
+            cross = p @ k_tx["nngp"].to(device).T  # P K(X, x)
+            k_tt = kernels(xs, None, ("nngp",))["nngp"].to(device)
+            cov = k_tt + p @ k_train @ p.transpose(1, 2) - cross - cross.transpose(1, 2)
+            cov = (0.5 * (cov + cov.transpose(1, 2))).to(xs.dtype)
+        mean = _restore(mean, is_vector).to(xs.dtype)
+        if scalar_time:
+            return mean[0], None if cov is None else cov[0]
+        return mean, cov
 
     return predict
 
@@ -136,7 +292,10 @@ def _spectral_filters(
     decay = sign * torch.exp(exponent)
     one_minus_decay = torch.where(sign > 0, -torch.expm1(exponent), 1.0 - decay)
     safe_lam = torch.where(positive, lam, torch.ones_like(lam))
-    gain = torch.where(positive, one_minus_decay / safe_lam, learning_rate * times)
+    # No training along a zero eigenvalue: gain lr t at finite t; at t = inf the
+    # component is dropped (the minimum-norm solution) instead of inf * 0.
+    flat = torch.where(torch.isinf(times), 0.0, learning_rate * times)
+    gain = torch.where(positive, one_minus_decay / safe_lam, flat)
     return decay, gain
 
 
@@ -171,16 +330,8 @@ def gradient_descent_mse(
     y = _as_targets(y_train, k.shape[0]).to(torch.float64).to(k.device)
     lr = check_nonnegative(learning_rate, "learning_rate")
     reg = check_nonnegative(diag_reg, "diag_reg")
-    k = 0.5 * (k + k.T) + reg * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
-    eigenvalues, eigenvectors = torch.linalg.eigh(k)
-    scale = float(eigenvalues.abs().max())
-    tolerance = scale * k.shape[0] * torch.finfo(k.dtype).eps
-    if float(eigenvalues.min()) < -max(tolerance, 1e-12 * scale) * 10:
-        raise ValueError(
-            "k_train_train is not positive semi-definite (smallest eigenvalue "
-            f"{float(eigenvalues.min()):.3g}); pass diag_reg > 0"
-        )
-    eigenvalues = torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
+    spectrum = _Spectrum(k, reg, "k_train_train")
+    eigenvalues, eigenvectors = spectrum.values, spectrum.vectors
 
     def predict(
         t: float | Tensor | None,
