@@ -391,3 +391,13 @@ def _as_initial(value: object, shape: tuple[int, int], name: str) -> Tensor:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf values")
     return t
+
+
+# Any loss and momentum: function-space ODEs integrated with SciPy (widenets.dynamics,
+# which uses the helpers above; imported last to avoid a circular import).
+from .dynamics import gradient_descent, gradient_descent_momentum  # noqa: E402
+
+__all__ = [
+    "KernelSource", "gp_inference", "gradient_descent", "gradient_descent_momentum",
+    "gradient_descent_mse", "gradient_descent_mse_ensemble",
+]
