@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+# scikit-learn's estimator checks include one that runs with array-API dispatch on NumPy
+# inputs; it needs SciPy's array-API mode, which must be chosen before SciPy is imported.
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
+
+from pathlib import Path  # noqa: E402
 
 import numpy as np
 import pytest

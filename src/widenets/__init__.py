@@ -55,3 +55,15 @@ __all__ = [
     "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",
     "experiments", "predict", "__version__", "TaylorExpansion", "linearize", "taylor_expand",
 ]
+
+#: Submodules that need optional dependencies (scikit-learn, matplotlib): imported on
+#: first use, so ``import widenets`` does not need them.
+_OPTIONAL_SUBMODULES = ("sklearn", "plot")
+
+
+def __getattr__(name: str):
+    if name in _OPTIONAL_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'widenets' has no attribute {name!r}")
