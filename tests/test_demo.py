@@ -52,6 +52,38 @@ def test_architecture_builds_twin_of_given_width():
     assert cnn(torch.zeros(3, 1, 8, 8, dtype=torch.get_default_dtype())).shape == (3, 10)
 
 
+def test_kernel_cache_computes_each_pair_once():
+    import torch
+
+    from widenets.demo import KernelCache
+    from widenets.predict import gp_inference
+
+    data = load_data(n_train=20, n_test=10)
+    net = architecture()
+    calls = []
+
+    class Counting:
+        def kernel(self, x1, x2=None, get="ntk"):
+            calls.append((len(x1), None if x2 is None else len(x2), get))
+            return net.kernel(x1, x2, get=get)
+
+    cache = KernelCache(Counting(), {"train": data.x_train, "test": data.x_test})
+    for get in ("ntk", "nngp"):
+        mean, _ = gp_inference(cache, data.x_train, data.y_train, diag_reg=1e-6)(
+            data.x_test, get=get, compute_cov=False)
+        expected, _ = gp_inference(net, data.x_train, data.y_train, diag_reg=1e-6)(
+            data.x_test, get=get, compute_cov=False)
+        torch.testing.assert_close(mean, expected, rtol=1e-12, atol=1e-12)
+    # Both kernels of a pair in one pass, once.
+    assert calls == [(20, None, ("nngp", "ntk")), (10, 20, ("nngp", "ntk"))]
+    # The reverse pair is the transpose; unknown inputs are computed, not cached.
+    torch.testing.assert_close(cache(data.x_train, data.x_test, "nngp"),
+                               cache.pair("test", "train")["nngp"].T)
+    assert len(calls) == 2
+    cache(data.x_train[:3], None, "ntk")
+    assert calls[-1] == (3, None, "ntk") and len(cache.kernels) == 2
+
+
 def test_run_demo_writes_outputs(small_run):
     out, results = small_run
     report = out / "report.md"
@@ -64,6 +96,56 @@ def test_run_demo_writes_outputs(small_run):
     assert "Infinite convolutional network (CNN-GAP), 100 training and 100 test" in text
     for width in SMALL["widths"]:
         assert f"| {width} |" in text
+    assert "## Infinite network trained for a time t (NTK ensemble)" in text
+    assert "| t | steps at lr | test accuracy of the mean |" in text
+    assert "30 (the twins)" in text and "| inf | inf |" in text
+    assert "distance to ensemble mean" in text
+
+
+def test_run_demo_ensemble_over_time(small_run):
+    _, results = small_run
+    lr, steps = results["learning_rate"], SMALL["steps"]
+    rows = results["ensemble"]
+    # Times: 0.1, 1 and 10 times the twins' training (t = steps * lr), then t = inf.
+    np.testing.assert_allclose([r["t"] for r in rows[:-1]], [0.1 * steps * lr, steps * lr,
+                                                             10 * steps * lr])
+    np.testing.assert_allclose([r["steps"] for r in rows[:-1]], [3, 30, 300])
+    assert math.isinf(rows[-1]["t"])
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["mse"] > 0 for r in rows)
+    # Trained to the end, the ensemble mean is the NTK posterior mean (same diag_reg).
+    assert rows[-1]["accuracy"] == results["ntk_accuracy"]
+    # The mean fits better with time; the expected losses fall.
+    assert all(a["mse"] > b["mse"] for a, b in zip(rows, rows[1:]))
+    assert all(a["train_loss"] > b["train_loss"] for a, b in zip(rows, rows[1:]))
+    assert rows[0]["accuracy"] < rows[-1]["accuracy"]
+    # Gradient flow for t = steps * lr and the discrete steps give nearly the same mean.
+    at_twins = results["ensemble_at_twins"]
+    assert at_twins == rows[1]
+    assert abs(at_twins["accuracy"] - results["ntk_gd_mean_accuracy"]) <= 0.01
+    losses = results["losses"]
+    assert float(losses.times[0]) == 0.0 and math.isinf(float(losses.times[-1]))
+    assert bool((losses.train[1:] < losses.train[:-1]).all())
+    # t = 0 is the prior: mean 0, so the loss is 1/2 (||y||^2 + 10 trace K) per set.
+    prior = 0.5 * (0.81 + 9 * 0.01 + 10 * results["nngp_diag"])
+    assert float(losses.test[0]) / losses.n_test == pytest.approx(prior, rel=1e-9)
+    assert float(losses.train[0]) / losses.n_train == pytest.approx(prior, rel=1e-9)
+
+
+def test_twins_approach_the_ensemble_distribution(small_run):
+    _, results = small_run
+    small, large = results["twins"]
+    spread = results["ensemble_at_twins"]["spread"]
+    # A trained network keeps part of its random f0: its distance to the ensemble mean
+    # does not vanish, it approaches the spread the ensemble predicts (1.0856 here;
+    # width 32: 0.876, width 512: 1.085 measured with seed 0).
+    assert large["distance_to_ensemble_mean"] == pytest.approx(spread, rel=0.1)
+    assert abs(large["distance_to_ensemble_mean"] - spread) < abs(
+        small["distance_to_ensemble_mean"] - spread)
+    # Flow and discrete steps: nearly the same f0-free mean.
+    for twin in results["twins"]:
+        assert twin["distance_to_ensemble_mean"] == pytest.approx(
+            twin["distance_to_ntk_mean"], rel=0.02)
+        assert twin["test_loss"] > 0
 
 
 def test_run_demo_numbers(small_run):
@@ -116,6 +198,9 @@ def test_cli_demo(tmp_path, capsys):
     assert str(out / "report.md") in printed
     assert "NNGP posterior accuracy" in printed and "width    16" in printed
     assert "infinite CNN-GAP (20 train / 10 test images)" in printed
+    assert "NTK ensemble mean accuracy over training time: t = " in printed
+    assert "(3 steps)" in printed and "t = inf" in printed
+    assert "to ensemble mean" in printed
 
 
 def test_cli_widths_forms_are_equivalent():

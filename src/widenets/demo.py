@@ -2,16 +2,23 @@
 
 On scikit-learn's bundled digits (1797 images of 8x8 pixels, no download) it
 
-1. computes the NNGP and NTK kernels of one fully connected ReLU architecture and
-   reports the test accuracy of both Gaussian-process posterior means, and the same
-   for a convolutional network with global average pooling on the 8x8 images (on a
-   subset: its kernels hold a covariance for every pair of pixel positions);
-2. builds finite twins of that architecture (widths 64, 256, 1024 by default), trains
+1. computes the NNGP and NTK kernels of one fully connected ReLU architecture (once,
+   both together) and reports the test accuracy of both Gaussian-process posterior
+   means, and the same for a convolutional network with global average pooling on the
+   8x8 images (on a subset: its kernels hold a covariance for every pair of pixel
+   positions);
+2. follows the ensemble of infinitely wide networks trained by gradient flow
+   (:func:`~widenets.predict.gradient_descent_mse_ensemble`): test accuracy and MSE of
+   its mean at a few times and at ``t = inf``, and its expected train and test loss
+   against time (:func:`~widenets.plot.expected_losses`);
+3. builds finite twins of that architecture (widths 64, 256, 1024 by default), trains
    each by full-batch gradient descent on ``L = 1/2 sum (f - y)^2`` and compares its
    test outputs with the NTK prediction for the same training run: the linearized
    infinite network trained for the same number of steps, at the same learning rate,
-   *from the same initial outputs* as the finite network;
-3. writes ``report.md`` and ``demo.png`` into an output folder.
+   *from the same initial outputs* as the finite network, and with the ensemble's
+   mean at the same time, whose distance to one network approaches the spread the
+   ensemble predicts rather than zero;
+4. writes ``report.md`` and ``demo.png`` into an output folder.
 
 Run it with ``widenets demo`` (see :mod:`widenets.cli`) or :func:`run_demo`.
 """
@@ -33,7 +40,9 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .layers import AvgPool2d, Conv2d, GlobalAvgPool, Linear, ReLU, Sequential
-from .predict import gp_inference, gradient_descent_mse
+from .layers.base import Layer
+from .plot import expected_losses, plot_expected_losses
+from .predict import KernelSource, gp_inference, gradient_descent_mse
 
 #: Widths of the finite twins trained by default.
 DEFAULT_WIDTHS: tuple[int, ...] = (64, 256, 1024)
@@ -55,6 +64,12 @@ N_DIGITS = 1797
 #: split): its pooled kernels cost about 0.3 ms per pair of images on 2 cores, so these
 #: take about half a minute (300 and 300: 0.977 NNGP accuracy in about 90 s).
 DEFAULT_CNN_N_TRAIN, DEFAULT_CNN_N_TEST = 200, 200
+#: Training times of the NTK ensemble in the report, as multiples of the twins' training
+#: (``steps`` steps of size ``lr``: the time ``steps * lr``); ``t = inf`` is added.
+ENSEMBLE_TIME_FACTORS: tuple[float, ...] = (0.1, 1.0, 10.0)
+#: Finite times of the expected-loss curve: ``t = 0`` and this many log-spaced times
+#: from one step to ``LOSS_CURVE_SPAN`` times the twins' training.
+LOSS_CURVE_POINTS, LOSS_CURVE_SPAN = 25, 100.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,11 @@ class DigitsData:
     y_train: np.ndarray
     labels_train: np.ndarray
     labels_test: np.ndarray
+
+    @property
+    def y_test(self) -> np.ndarray:
+        """Test targets, encoded like ``y_train``."""
+        return np.eye(10)[self.labels_test] - 0.1
 
 
 def _require_demo_dependencies() -> None:
@@ -198,19 +218,71 @@ def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
-def posterior_mean(
-    net: Sequential, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, get: str
-) -> dict[str, Any]:
-    """The GP posterior mean of ``net``'s kernel ``get`` on ``x_test``.
+class KernelCache:
+    """The NNGP and NTK of one architecture on named input sets, each pair computed once.
 
-    The ridge ``diag_reg`` is ``DIAG_REG_FRACTION`` times the kernel's diagonal at the
-    first training input (for the fully connected network every input has the same
-    diagonal; for the CNN it varies a little with the image). Returns ``mean``,
-    ``diag_reg`` and ``diag``.
+    ``pair(a, b)`` computes both kernels between the sets ``a`` and ``b`` in one pass
+    (``b=None``: ``a`` with itself) and keeps them. The cache is also a kernel
+    function ``kernel_fn(x1, x2, get)`` for :mod:`widenets.predict`: inputs equal (same
+    dtype, shape and values) to a named set are served from the cache, computing their
+    pair on first use; other inputs are computed directly, uncached.
     """
-    diag = net.kernel(x_train[:1], None, get=get)[0, 0].item()
+
+    def __init__(self, net: Layer, inputs: dict[str, np.ndarray | torch.Tensor]) -> None:
+        self.net = net
+        self.inputs = {name: torch.as_tensor(x) for name, x in inputs.items()}
+        self.kernels: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+
+    def pair(self, a: str, b: str | None = None) -> dict[str, torch.Tensor]:
+        """``{"nngp": K(a, b), "ntk": T(a, b)}``, computed on first use."""
+        b = a if b is None else b
+        if (a, b) not in self.kernels and (b, a) in self.kernels:
+            return {name: k.T for name, k in self.kernels[(b, a)].items()}
+        if (a, b) not in self.kernels:
+            both = self.net.kernel(self.inputs[a], None if a == b else self.inputs[b],
+                                   get=("nngp", "ntk"))
+            self.kernels[(a, b)] = {"nngp": both.nngp, "ntk": both.ntk}
+        return self.kernels[(a, b)]
+
+    def _name(self, x: torch.Tensor) -> str | None:
+        for name, known in self.inputs.items():
+            if x.dtype == known.dtype and x.shape == known.shape and torch.equal(x, known):
+                return name
+        return None
+
+    def __call__(self, x1: object, x2: object | None, get: str) -> torch.Tensor:
+        t1 = torch.as_tensor(x1)
+        t2 = None if x2 is None else torch.as_tensor(x2)
+        a = self._name(t1)
+        b = a if t2 is None else self._name(t2)
+        if a is None or b is None:
+            return self.net.kernel(t1, t2, get=get)
+        return self.pair(a, b)[get]
+
+
+def posterior_mean(
+    net_or_kernels: KernelSource,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    get: str,
+) -> dict[str, Any]:
+    """The GP posterior mean of the kernel ``get`` on ``x_test``.
+
+    ``net_or_kernels``: an architecture or a kernel function (e.g. a
+    :class:`KernelCache`). The ridge ``diag_reg`` is ``DIAG_REG_FRACTION`` times the
+    kernel's diagonal at the first training input (for the fully connected network
+    every input has the same diagonal; for the CNN it varies a little with the image).
+    Returns ``mean``, ``diag_reg`` and ``diag``.
+    """
+    first = torch.as_tensor(x_train[:1])
+    if isinstance(net_or_kernels, Layer):
+        k_first = net_or_kernels.kernel(first, None, get=get)
+    else:
+        k_first = net_or_kernels(first, None, get)
+    diag = float(torch.as_tensor(k_first)[0, 0])
     reg = DIAG_REG_FRACTION * diag
-    posterior = gp_inference(net, x_train, y_train, diag_reg=reg)
+    posterior = gp_inference(net_or_kernels, x_train, y_train, diag_reg=reg)
     mean, _ = posterior(x_test, get=get, compute_cov=False)
     return {"mean": mean, "diag_reg": reg, "diag": diag}
 
@@ -220,46 +292,81 @@ def convolutional_predictions(
 ) -> dict[str, Any]:
     """NNGP and NTK posterior accuracies of the infinitely wide CNN-GAP.
 
-    Uses the first ``n_train`` training and ``n_test`` test images of ``data``.
+    Uses the first ``n_train`` training and ``n_test`` test images of ``data``; both
+    kernels of each pair of sets are computed together, once (:class:`KernelCache`).
     Returns ``nngp_accuracy``, ``ntk_accuracy``, ``n_train``, ``n_test`` and
     ``seconds``.
     """
-    net = cnn_architecture()
     x_train, x_test = as_images(data.x_train[:n_train]), as_images(data.x_test[:n_test])
+    kernels = KernelCache(cnn_architecture(), {"train": x_train, "test": x_test})
     results: dict[str, Any] = {"n_train": len(x_train), "n_test": len(x_test)}
     start = time.perf_counter()
-    bar = _progress_bar(("nngp", "ntk"), enabled=progress, desc="convolutional network",
-                        unit="kernel")
-    for name in bar:
-        mean = posterior_mean(net, x_train, data.y_train[:n_train], x_test, name)["mean"]
+    bar = _progress_bar((("train", "train"), ("test", "train")), enabled=progress,
+                        desc="convolutional network", unit="kernel block")
+    for a, b in bar:
+        kernels.pair(a, b)
+    for name in ("nngp", "ntk"):
+        mean = posterior_mean(kernels, x_train, data.y_train[:n_train], x_test, name)["mean"]
         results[f"{name}_accuracy"] = accuracy(mean, data.labels_test[:n_test])
     results["seconds"] = time.perf_counter() - start
     return results
 
 
+def ensemble_times(steps: int, learning_rate: float) -> tuple[list[float], list[float]]:
+    """The times of the NTK ensemble: the report's, and all those computed.
+
+    Gradient flow at rate 1 for a time ``t`` matches about ``t / learning_rate`` steps
+    of size ``learning_rate``; the twins train for ``t = steps * learning_rate``. The
+    report's times are ``ENSEMBLE_TIME_FACTORS`` times that and ``inf``; the loss curve
+    adds ``t = 0`` and ``LOSS_CURVE_POINTS`` log-spaced times from one step to
+    ``LOSS_CURVE_SPAN`` times the twins' training.
+    """
+    twin_time = steps * learning_rate
+    table = [f * twin_time for f in ENSEMBLE_TIME_FACTORS] + [math.inf]
+    curve = np.geomspace(learning_rate, LOSS_CURVE_SPAN * twin_time, LOSS_CURVE_POINTS)
+    return table, sorted({0.0, twin_time, *table, *(float(t) for t in curve)})
+
+
 def infinite_predictions(
     data: DigitsData, steps: int, progress: bool = True
 ) -> dict[str, Any]:
-    """Posteriors of the infinite network and what the finite twins need.
+    """Posteriors and trained ensemble of the infinite network, and what the twins need.
 
-    Returns a dict with the NNGP and NTK posterior means on the test set and their
-    accuracies, the training NTK and test-train NTK, the learning rate
+    The NNGP and NTK between the training and test sets are computed once
+    (:class:`KernelCache`) and serve every prediction. Returns a dict with the NNGP
+    and NTK posterior means on the test set and their accuracies, ``kernels`` (the
+    cache), the training NTK and test-train NTK, the learning rate
     ``LR_FRACTION / lambda_max(NTK_train)``, ``gd``: the function of
     :func:`~widenets.predict.gradient_descent_mse` for that rate (``discrete=True``),
     the accuracy of its mean prediction (from zero initial outputs) after ``steps``
-    steps, and the seconds spent per phase.
+    steps, ``losses``: :func:`~widenets.plot.expected_losses` of the NTK ensemble
+    (gradient flow at rate 1, same ``diag_reg`` as the NTK posterior) at the times of
+    :func:`ensemble_times`, ``ensemble``: one row per report time (``t``, ``steps``,
+    ``accuracy`` and ``mse`` of the ensemble mean on the test set, expected
+    ``test_loss`` and ``train_loss`` per point, and ``spread``: the expected relative
+    distance ``sqrt(E||f - mean||^2) / ||mean||`` of one trained network from the
+    mean), ``ensemble_at_twins``: that row at the twins' time ``steps * lr``,
+    ``ensemble_mean_at_steps``: the test mean there, and the seconds spent per phase.
     """
     net = architecture()
     timings: dict[str, float] = {}
-    phases = ["NNGP posterior", "NTK posterior", "NTK train/test kernels", "NTK spectrum"]
+    phases = ["kernels", "NNGP posterior", "NTK posterior", "NTK spectrum", "NTK ensemble"]
     bar = _progress_bar(total=len(phases), enabled=progress, desc="infinite network",
                         unit="phase")
     results: dict[str, Any] = {}
     with bar:
+        bar.set_postfix_str("NNGP and NTK kernels")
+        start = time.perf_counter()
+        kernels = KernelCache(net, {"train": data.x_train, "test": data.x_test})
+        for a, b in (("train", "train"), ("test", "train"), ("test", "test")):
+            kernels.pair(a, b)
+        timings["NNGP and NTK kernels (train, test-train, test)"] = time.perf_counter() - start
+        bar.update(1)
+
         for name in ("nngp", "ntk"):
             bar.set_postfix_str(f"{name.upper()} posterior")
             start = time.perf_counter()
-            posterior = posterior_mean(net, data.x_train, data.y_train, data.x_test, name)
+            posterior = posterior_mean(kernels, data.x_train, data.y_train, data.x_test, name)
             results[f"{name}_mean"] = posterior["mean"]
             results[f"{name}_accuracy"] = accuracy(posterior["mean"], data.labels_test)
             results[f"{name}_diag_reg"] = posterior["diag_reg"]
@@ -267,15 +374,10 @@ def infinite_predictions(
             timings[f"{name.upper()} posterior"] = time.perf_counter() - start
             bar.update(1)
 
-        bar.set_postfix_str("NTK train/test kernels")
-        start = time.perf_counter()
-        ntk_train = net.kernel(data.x_train, None, get="ntk")
-        ntk_test_train = net.kernel(data.x_test, data.x_train, get="ntk")
-        timings["NTK kernels for training"] = time.perf_counter() - start
-        bar.update(1)
-
         bar.set_postfix_str("NTK spectrum")
         start = time.perf_counter()
+        ntk_train = kernels.pair("train")["ntk"]
+        ntk_test_train = kernels.pair("test", "train")["ntk"]
         eigenvalues = torch.linalg.eigvalsh(ntk_train)
         lam_max = float(eigenvalues[-1])
         learning_rate = LR_FRACTION / lam_max
@@ -284,7 +386,35 @@ def infinite_predictions(
         timings["NTK spectrum and dynamics"] = time.perf_counter() - start
         bar.update(1)
 
+        bar.set_postfix_str("NTK ensemble over time")
+        start = time.perf_counter()
+        table_times, times = ensemble_times(steps, learning_rate)
+        losses = expected_losses(kernels, data.x_train, data.y_train, data.x_test,
+                                 data.y_test, times, learning_rate=1.0,
+                                 diag_reg=results["ntk_diag_reg"], get="ntk")
+        y_test = torch.as_tensor(data.y_test)
+
+        def row(t: float) -> dict[str, float]:
+            i = times.index(t)
+            mean = losses.test_mean[i]
+            return {
+                "t": t,
+                "steps": t / learning_rate,
+                "accuracy": accuracy(mean, data.labels_test),
+                "mse": float((mean - y_test).pow(2).mean()),
+                "test_loss": float(losses.test[i]) / losses.n_test,
+                "train_loss": float(losses.train[i]) / losses.n_train,
+                "spread": float(losses.test_variance[i].sqrt() / torch.linalg.norm(mean)),
+            }
+
+        rows = [row(t) for t in table_times]
+        twin_time = steps * learning_rate
+        at_twins = row(twin_time)
+        timings["NTK ensemble over time (means, covariances)"] = time.perf_counter() - start
+        bar.update(1)
+
     results.update(
+        kernels=kernels,
         ntk_train=ntk_train,
         ntk_test_train=ntk_test_train,
         lambda_max=lam_max,
@@ -293,6 +423,10 @@ def infinite_predictions(
         gd=gd,
         ntk_gd_mean=mean_at_steps,
         ntk_gd_mean_accuracy=accuracy(mean_at_steps, data.labels_test),
+        losses=losses,
+        ensemble=rows,
+        ensemble_at_twins=at_twins,
+        ensemble_mean_at_steps=losses.test_mean[times.index(twin_time)],
         timings=timings,
     )
     return results
@@ -323,8 +457,10 @@ def train_twin(
 
     Returns the width, test accuracy of the twin and of its NTK prediction, the relative
     test distance ``||f_net - f_ntk|| / ||f_ntk||``, the relative distance to the NTK
-    mean prediction (started from zero outputs, which ignores ``f0``), the final
-    training loss and the seconds spent.
+    mean prediction (started from zero outputs, which ignores ``f0``), the relative
+    distance to the NTK ensemble's mean at the matching time ``steps * lr`` (gradient
+    flow), the final training loss, the test loss ``1/2 sum (f - y)^2`` per test point
+    and the seconds spent.
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(_twin_seed(seed, width))
@@ -372,7 +508,11 @@ def train_twin(
         "ntk_accuracy": accuracy(f_ntk, data.labels_test),
         "distance": relative_distance(f_test, f_ntk),
         "distance_to_ntk_mean": relative_distance(f_test, infinite["ntk_gd_mean"]),
+        "distance_to_ensemble_mean": relative_distance(
+            f_test, infinite["ensemble_mean_at_steps"]),
         "train_loss": final_loss,
+        "test_loss": 0.5 * float((f_test.to(torch.float64) - torch.as_tensor(data.y_test))
+                                 .pow(2).sum(dim=1).mean()),
         "seconds": time.perf_counter() - start,
     }
 
@@ -416,6 +556,39 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
              f"{results['ntk_gd_mean_accuracy']:.4f}"],
         ],
     )
+    twin_time = steps * results["learning_rate"]
+    lines += [
+        "",
+        "## Infinite network trained for a time t (NTK ensemble)",
+        "",
+        "Mean and covariance over initialisations of the infinite network trained by "
+        "gradient flow on `1/2 sum (f - y)^2` (`widenets.predict."
+        "gradient_descent_mse_ensemble`, NTK, same `diag_reg` as the NTK posterior, so "
+        "t = inf is that posterior). At rate 1 a time t is about t / lr steps of size lr: "
+        f"the twins train for t = {steps} x lr = {twin_time:.4g}. The expected losses "
+        "(`widenets.plot.expected_losses`) are `1/2 (||mean - y||^2 + 10 trace(cov))` per "
+        "point; the spread is the expected relative distance "
+        "`sqrt(E||f - mean||^2) / ||mean||` of one trained network from the mean.",
+        "",
+    ]
+    lines += _format_table(
+        ["t", "steps at lr", "test accuracy of the mean", "test MSE of the mean",
+         "expected test loss per point", "expected train loss per point",
+         "spread of one network"],
+        [
+            ["inf" if math.isinf(row["t"]) else f"{row['t']:.4g}",
+             "inf" if math.isinf(row["steps"]) else
+             f"{row['steps']:.0f}" + (" (the twins)" if row["t"] == twin_time else ""),
+             f"{row['accuracy']:.4f}", f"{row['mse']:.4f}", f"{row['test_loss']:.4f}",
+             f"{row['train_loss']:.4f}", f"{row['spread']:.3f}"]
+            for row in results["ensemble"]
+        ],
+    )
+    lines += [
+        "",
+        "Test MSE: mean over test points and outputs of `(mean - y)^2`. The right panel "
+        "of `demo.png` shows the expected losses against t, with the twins' test losses.",
+    ]
     cnn = results["cnn"]
     lines += [
         "",
@@ -442,18 +615,29 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
     lines += _format_table(
         ["width", "test accuracy", "NTK prediction accuracy (same f0)",
          "distance to NTK prediction", "slope from previous width",
-         "distance to NTK mean (f0 = 0)", "train loss", "time (s)"],
+         "distance to NTK mean (f0 = 0)", "distance to ensemble mean",
+         "train loss", "test loss per point", "time (s)"],
         [
             [str(t["width"]), f"{t['accuracy']:.4f}", f"{t['ntk_accuracy']:.4f}",
              f"{t['distance']:.4f}",
              "" if t.get("local_slope") is None else f"{t['local_slope']:.2f}",
-             f"{t['distance_to_ntk_mean']:.4f}", f"{t['train_loss']:.3g}",
-             f"{t['seconds']:.1f}"]
+             f"{t['distance_to_ntk_mean']:.4f}", f"{t['distance_to_ensemble_mean']:.4f}",
+             f"{t['train_loss']:.3g}", f"{t['test_loss']:.4f}", f"{t['seconds']:.1f}"]
             for t in results["twins"]
         ],
     )
     slope = results["slope"]
+    at_twins = results["ensemble_at_twins"]
     lines += [
+        "",
+        f"At the twins' time t = {twin_time:.4g} the ensemble expects one network at a "
+        f"relative distance **{at_twins['spread']:.4f}** from its mean, and a test loss of "
+        f"{at_twins['test_loss']:.4f} per point: a finite network's distance to the "
+        "ensemble mean does not fall with width, it approaches that spread (its random "
+        "`f0` is a draw from the prior that training removes only partly), and its test "
+        "loss scatters around the expected one. 'Distance to NTK mean' uses the "
+        "discrete steps (`gradient_descent_mse`), 'distance to ensemble mean' the "
+        "gradient flow at the same time; they agree to a few 1e-4.",
         "",
         "Distance: `||f_net(X_test) - f_ntk(X_test)|| / ||f_ntk(X_test)||` over all test "
         "points and outputs, where `f_ntk` is the linearized infinite network (the NTK "
@@ -510,6 +694,9 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
         "law is the large-width asymptote, reached sooner with fewer steps.",
         "- The posterior accuracies use the exact kernels; the finite columns vary with "
         "the seed (one network per width).",
+        "- The NNGP and NTK between the training and test sets are computed once, both "
+        "together, and serve the posteriors, the ensemble and the twins' predictions "
+        "(`KernelCache`, a kernel function for `widenets.predict`).",
         "",
         "## Timings",
         "",
@@ -524,11 +711,14 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
 
 
 def plot(path: str | Path, results: dict[str, Any]) -> Path:
-    """Save the two-panel figure of :func:`run_demo`'s ``results`` as a PNG at ``path``.
+    """Save the three-panel figure of :func:`run_demo`'s ``results`` as a PNG at ``path``.
 
-    Left: test accuracies of the infinite network and the finite twins. Right: the
+    Left: test accuracies of the infinite network and the finite twins. Middle: the
     distance to the NTK prediction against width on log-log axes, with a slope -1/2
-    guide, and the (non-shrinking) distance to the f0-free NTK mean.
+    guide, and the (non-shrinking) distance to the f0-free NTK mean. Right: the NTK
+    ensemble's expected train and test loss per point against training time
+    (:func:`~widenets.plot.plot_expected_losses`), with the twins' test losses at
+    their training time.
     """
     _require_demo_dependencies()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -539,9 +729,9 @@ def plot(path: str | Path, results: dict[str, Any]) -> Path:
     twins = results["twins"]
     steps = results["settings"]["steps"]
     widths = np.array([t["width"] for t in twins], dtype=float)
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(16, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
+    left, right, losses_ax = fig.subplots(1, 3, width_ratios=(1.0, 1.0, 0.9))
 
     labels = ["NNGP\nposterior", "NTK\nposterior", f"NTK mean\n{steps} steps"]
     values = [results["nngp_accuracy"], results["ntk_accuracy"],
@@ -593,8 +783,33 @@ def plot(path: str | Path, results: dict[str, Any]) -> Path:
     right.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     right.yaxis.set_minor_locator(NullLocator())
     right.legend(fontsize=8)
+
+    plot_expected_losses(results["losses"], ax=losses_ax, per_point=True)
+    twin_time = steps * results["learning_rate"]
+    losses_ax.axvline(twin_time, color="black", linestyle=":", linewidth=1,
+                      label=f"{steps} steps (the twins)")
+    losses_ax.scatter([twin_time] * len(twins), [t["test_loss"] for t in twins],
+                      marker="x", color="tab:gray", zorder=4, label="twins' test loss")
+    for i, t in enumerate(twins):  # labels alternately right and left of the markers
+        losses_ax.annotate(str(t["width"]), (twin_time, t["test_loss"]),
+                           xytext=(5 if i % 2 == 0 else -5, -3), textcoords="offset points",
+                           ha="left" if i % 2 == 0 else "right", fontsize=7, color="dimgray")
+    # The training loss falls towards zero: show the range of the test loss.
+    test = results["losses"].test / results["losses"].n_test
+    losses_ax.set_ylim(0.2 * min(float(test.min()), *(t["test_loss"] for t in twins)),
+                       2.0 * float(test.max()))
+    losses_ax.set_xlabel("training time t (gradient flow at rate 1; t / lr steps)")
+    losses_ax.set_title("NTK ensemble: expected loss per point", fontsize=10)
+    losses_ax.legend(fontsize=8, loc="upper right")
     fig.savefig(path, dpi=120)
     return path
+
+
+def _time_text(row: dict[str, float]) -> str:
+    """``t = 1.26 (300 steps)`` or ``t = inf`` for a row of the ensemble table."""
+    if math.isinf(row["t"]):
+        return "t = inf"
+    return f"t = {row['t']:.3g} ({row['steps']:.0f} steps)"
 
 
 def summary(results: dict[str, Any]) -> list[str]:
@@ -606,6 +821,8 @@ def summary(results: dict[str, Any]) -> list[str]:
         f"infinite network: NNGP posterior accuracy {results['nngp_accuracy']:.4f}, "
         f"NTK posterior accuracy {results['ntk_accuracy']:.4f}, "
         f"NTK mean after {s['steps']} steps {results['ntk_gd_mean_accuracy']:.4f}",
+        "NTK ensemble mean accuracy over training time: "
+        + ", ".join(f"{_time_text(r)} {r['accuracy']:.4f}" for r in results["ensemble"]),
         f"infinite CNN-GAP ({results['cnn']['n_train']} train / {results['cnn']['n_test']} "
         f"test images): NNGP posterior accuracy {results['cnn']['nngp_accuracy']:.4f}, "
         f"NTK posterior accuracy {results['cnn']['ntk_accuracy']:.4f}",
@@ -614,10 +831,14 @@ def summary(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"width {t['width']:>5}: accuracy {t['accuracy']:.4f} "
             f"(NTK prediction {t['ntk_accuracy']:.4f}), "
-            f"distance to NTK prediction {t['distance']:.4f}"
+            f"distance to NTK prediction {t['distance']:.4f}, "
+            f"to ensemble mean {t['distance_to_ensemble_mean']:.4f}"
         )
     if results["slope"] is not None:
         lines.append(f"distance ~ width^{results['slope']:.2f} (theory: width^-0.5)")
+    at_twins = results["ensemble_at_twins"]
+    lines.append(f"distance to ensemble mean -> its expected spread {at_twins['spread']:.4f} "
+                 f"at {_time_text(at_twins)}")
     lines.append(f"total time {results['total_seconds']:.1f} s")
     return lines
 
@@ -649,6 +870,9 @@ def run_demo(
 
     Returns:
         A dict with ``nngp_accuracy``, ``ntk_accuracy``, ``ntk_gd_mean_accuracy``,
+        ``ensemble`` (the NTK ensemble's mean accuracy, MSE, expected losses and spread
+        at a few times, see :func:`infinite_predictions`), ``ensemble_at_twins``,
+        ``losses`` (:class:`~widenets.plot.ExpectedLosses` over the time grid),
         ``learning_rate``, ``lambda_max``, ``twins`` (one dict per width, see
         :func:`train_twin`), ``slope`` (of log distance against log width),
         ``cnn`` (see :func:`convolutional_predictions`), ``settings``, ``timings``,
@@ -710,6 +934,9 @@ def run_demo(
         "nngp_accuracy": infinite["nngp_accuracy"],
         "ntk_accuracy": infinite["ntk_accuracy"],
         "ntk_gd_mean_accuracy": infinite["ntk_gd_mean_accuracy"],
+        "ensemble": infinite["ensemble"],
+        "ensemble_at_twins": infinite["ensemble_at_twins"],
+        "losses": infinite["losses"],
         "nngp_diag_reg": infinite["nngp_diag_reg"],
         "ntk_diag_reg": infinite["ntk_diag_reg"],
         "learning_rate": infinite["learning_rate"],
