@@ -67,6 +67,24 @@ def width_list(text: str) -> list[int]:
     return [positive_int(part.strip()) for part in parts]
 
 
+def add_training_arguments(
+    parser: argparse.ArgumentParser, out: str, steps: int, widths: Sequence[int], what: str
+) -> None:
+    """``--out``, ``--seed``, ``--steps`` and ``--widths`` of commands that train finite
+    networks of several widths (``what``: how ``--widths`` is described)."""
+    parser.add_argument("--out", default=out, metavar="DIR",
+                        help="output folder (default: %(default)s)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="seed of the data split and the networks (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=steps,
+                        help="gradient-descent steps (default: %(default)s)")
+    parser.add_argument(
+        "--widths", type=width_list, nargs="+", default=None, metavar="W",
+        help=f"{what}, e.g. '--widths 64 256 1024' or '--widths 64,256,1024' "
+             f"(default: {','.join(map(str, widths))})",
+    )
+
+
 # --------------------------------------------------------------------------- demo
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``widenets demo``."""
@@ -89,17 +107,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
             "report.md and demo.png into the output folder."
         ),
     )
-    parser.add_argument("--out", default="widenets-demo", metavar="DIR",
-                        help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0,
-                        help="seed of the data split and the networks (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
-                        help="gradient-descent steps (default: %(default)s)")
-    parser.add_argument(
-        "--widths", type=width_list, nargs="+", default=None, metavar="W",
-        help="widths of the finite networks, e.g. '--widths 64 256 1024' or "
-             f"'--widths 64,256,1024' (default: {','.join(map(str, DEFAULT_WIDTHS))})",
-    )
+    add_training_arguments(parser, "widenets-demo", DEFAULT_STEPS, DEFAULT_WIDTHS,
+                           "widths of the finite networks")
     parser.add_argument("--n-train", type=positive_int, default=DEFAULT_N_TRAIN,
                         help="training images; the rest are the test set "
                              "(default: %(default)s)")
@@ -170,17 +179,8 @@ def add_lazy_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
             "log-log slopes."
         ),
     )
-    parser.add_argument("--out", default="widenets-lazy", metavar="DIR",
-                        help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0,
-                        help="seed of the data split and the networks (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
-                        help="gradient-descent steps (default: %(default)s)")
-    parser.add_argument(
-        "--widths", type=width_list, nargs="+", default=None, metavar="W",
-        help="hidden widths, e.g. '--widths 64 256 1024' or '--widths 64,256,1024' "
-             f"(default: {','.join(map(str, DEFAULT_WIDTHS))})",
-    )
+    add_training_arguments(parser, "widenets-lazy", DEFAULT_STEPS, DEFAULT_WIDTHS,
+                           "hidden widths")
     parser.add_argument("--n-train", type=positive_int, default=DEFAULT_N_TRAIN,
                         help="training images (default: %(default)s)")
     parser.add_argument("--learning-rate", type=positive_float, default=None, metavar="LR",
