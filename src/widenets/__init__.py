@@ -44,6 +44,7 @@ from .layers import (
 )
 from .linearize import TaylorExpansion, linearize, taylor_expand
 from .monte_carlo import monte_carlo_kernel
+from .tiles import kernel_matrix, load_kernel
 
 __version__ = "0.1.0"
 
@@ -53,7 +54,8 @@ __all__ = [
     "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer", "LayerNorm", "LeakyReLU",
     "Linear", "Parallel", "Rbf", "RectifiedMonomial", "ReLU", "Residual", "Sequential",
     "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",
-    "experiments", "predict", "__version__", "TaylorExpansion", "linearize", "taylor_expand",
+    "experiments", "kernel_matrix", "load_kernel", "predict", "__version__",
+    "TaylorExpansion", "linearize", "taylor_expand",
 ]
 
 #: Submodules that need optional dependencies (scikit-learn, matplotlib): imported on

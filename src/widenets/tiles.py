@@ -1,0 +1,366 @@
+"""Large kernel matrices in tiles: bounded memory, a progress bar, a resumable Zarr store,
+and Dask clusters.
+
+:func:`kernel_matrix` splits ``K(x1, x2)`` into tiles of ``rows x cols`` examples (any
+``N1``, ``N2``; the last tiles are smaller), computes each tile with ``net.kernel`` and
+places it into the output; with ``x2=None`` only the tiles on and above the diagonal are
+computed and the others are their transposes.
+
+With ``store="path.zarr"`` every finished tile is also written to a Zarr group on disk
+(one chunk per tile, so no two tiles share a file), followed by a marker file in
+``path.zarr/done/`` that is created atomically (written under a temporary name, then
+renamed). A tile counts as finished only when its marker exists, so a process killed at
+any moment loses at most the tiles in flight: a half-written chunk has no marker and is
+recomputed. Running the same call again resumes. The group's attributes record what the
+numbers are (architecture, ``get``, a SHA-256 of the inputs, dtype, shape, tiles,
+widenets version); a store made for anything else is refused. :func:`load_kernel` reads
+a finished store back (Zarr arrays and JSON attributes: no pickle).
+
+With ``client=`` a ``dask.distributed.Client``, the tiles are computed as Dask tasks on
+the cluster's workers; this process writes the store and assembles the result, so the
+store and resume behave the same, and the numbers are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .inputs import as_input_pair, parse_get
+from .kernel import Kernels
+from .layers.base import Layer
+
+#: Bytes per kernel entry of one tile's working set, per position pair: the moment
+#: tensors a layer holds at once (input and output NNGP, NTK, variances, temporaries).
+WORKING_COPIES = 12
+#: Largest tile side: keeps the progress bar moving and a store's chunks a few hundred MiB.
+MAX_TILE = 4096
+#: Fraction of the available memory used when ``memory_limit`` is not given.
+MEMORY_FRACTION = 0.5
+#: Name of the folder of finished-tile markers inside a store.
+DONE = "done"
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the kernel matrix."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.r0}-{self.c0}"
+
+    @property
+    def is_diagonal(self) -> bool:
+        return self.r0 == self.c0
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux ``/proc/meminfo``; 4 GiB if unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def pair_cost(net: Layer, example_shape: tuple[int, ...]) -> int:
+    """Numbers held per pair of examples in a layer's moments: ``1`` for a dense network,
+    ``P`` positions for a convolutional one that needs only equal positions, ``P^2``
+    for one that pools (the full spatial covariance)."""
+    positions = math.prod(example_shape[1:]) if len(example_shape) > 1 else 1
+    return positions * positions if net.needs_full_covariance() else positions
+
+
+def auto_tile(
+    net: Layer, n1: int, n2: int, example_shape: tuple[int, ...], n_kernels: int,
+    itemsize: int, memory_limit: int | None,
+) -> int:
+    """A square tile side such that the output plus one tile's working set fits in
+    ``memory_limit`` bytes (default: half the available memory)."""
+    budget = int(MEMORY_FRACTION * available_memory()) if memory_limit is None else memory_limit
+    output = n1 * n2 * n_kernels * itemsize
+    per_pair = pair_cost(net, example_shape) * itemsize * WORKING_COPIES
+    room = budget - output
+    if room < per_pair:
+        raise ValueError(
+            f"memory_limit of {budget / 2**20:.0f} MiB leaves no room for tiles next to the "
+            f"{output / 2**20:.0f} MiB output; raise memory_limit or use a store and "
+            "smaller inputs"
+        )
+    side = int(math.isqrt(room // per_pair))
+    return max(1, min(side, MAX_TILE, max(n1, n2)))
+
+
+def _tile_sizes(tile: object, n1: int, n2: int, symmetric: bool) -> tuple[int, int]:
+    if isinstance(tile, bool):
+        raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
+    if isinstance(tile, int):
+        sizes = (tile, tile)
+    elif isinstance(tile, tuple) and len(tile) == 2 and all(
+        isinstance(s, int) and not isinstance(s, bool) for s in tile
+    ):
+        sizes = tile
+    else:
+        raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
+    if min(sizes) < 1:
+        raise ValueError(f"tile sizes must be >= 1, got {tile!r}")
+    if symmetric and sizes[0] != sizes[1]:
+        raise ValueError(f"with x2=None tiles must be square, got {tile!r}")
+    return min(sizes[0], n1), min(sizes[1], n2)
+
+
+def plan_tiles(n1: int, n2: int, rows: int, cols: int, symmetric: bool) -> list[Tile]:
+    """The tiles to compute, row by row (only on and above the diagonal if symmetric)."""
+    return [
+        Tile(r0, min(r0 + rows, n1), c0, min(c0 + cols, n2))
+        for r0 in range(0, n1, rows)
+        for c0 in range(0, n2, cols)
+        if not symmetric or c0 >= r0
+    ]
+
+
+def compute_tile(
+    net: Layer, x1: torch.Tensor, x2: torch.Tensor | None, tile: Tile, names: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """One tile of each kernel, as NumPy arrays (a Dask task; picklable arguments)."""
+    rows = x1[tile.r0 : tile.r1]
+    if x2 is None and tile.is_diagonal:
+        kernels = net.kernel(rows, None, get=names)
+    else:
+        cols = (x1 if x2 is None else x2)[tile.c0 : tile.c1]
+        kernels = net.kernel(rows, cols, get=names)
+    return {name: kernels[name].detach().cpu().numpy() for name in names}
+
+
+def inputs_digest(x1: torch.Tensor, x2: torch.Tensor | None) -> str:
+    """SHA-256 of the inputs' shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for x in (x1, x2):
+        if x is None:
+            digest.update(b"none")
+            continue
+        array = x.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class TileStore:
+    """A Zarr group holding one array per kernel, chunked by tile, with markers of the
+    finished tiles in ``done/``."""
+
+    def __init__(self, path: str | os.PathLike, identity: dict, n1: int, n2: int,
+                 rows: int, cols: int, names: tuple[str, ...], dtype: np.dtype) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self.done = self.path / DONE
+        self.group = zarr.open_group(str(self.path), mode="a")
+        # A store killed while being created has no attributes and no finished tile.
+        fresh = "widenets" not in self.group.attrs and not (
+            self.done.exists() and any(self.done.iterdir()))
+        if fresh:
+            for name in names:
+                self.group.create_array(name, shape=(n1, n2), chunks=(rows, cols),
+                                        dtype=dtype, fill_value=np.nan, overwrite=True)
+            self.group.attrs.update({"widenets": identity, "complete": False})
+        else:
+            self._check(identity)
+        self.done.mkdir(parents=True, exist_ok=True)
+
+    def _check(self, identity: dict) -> None:
+        stored = dict(self.group.attrs).get("widenets")
+        if stored is None:
+            raise ValueError(f"store {self.path} was not written by widenets.kernel_matrix")
+        for key, value in identity.items():
+            if key == "version":
+                continue
+            if stored.get(key) != value:
+                raise ValueError(
+                    f"store {self.path} holds a different computation: its {key} is "
+                    f"{stored.get(key)!r}, this call's is {value!r}; use another store path"
+                )
+
+    def finished(self) -> set[str]:
+        return {p.name for p in self.done.iterdir() if not p.name.startswith(".")}
+
+    def read(self, tile: Tile, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        return {name: self.group[name][tile.r0 : tile.r1, tile.c0 : tile.c1] for name in names}
+
+    def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:
+        """The tile's numbers, then its marker (atomically: a temporary file renamed)."""
+        for name, value in values.items():
+            self.group[name][tile.r0 : tile.r1, tile.c0 : tile.c1] = value
+        temporary = self.done / f".{tile.key}.{os.getpid()}"
+        temporary.write_text("1")
+        os.replace(temporary, self.done / tile.key)
+
+    def mark_complete(self) -> None:
+        self.group.attrs["complete"] = True
+
+
+def _identity(net: Layer, names, x1, x2, n1, n2, rows, cols, symmetric, dtype) -> dict:
+    from . import __version__
+
+    return {
+        "architecture": repr(net), "get": list(names), "inputs_sha256": inputs_digest(x1, x2),
+        "dtype": str(dtype), "shape": [n1, n2], "tile": [rows, cols], "symmetric": symmetric,
+        "version": __version__,
+    }
+
+
+def _results(net, x1, x2, todo: list[Tile], names, client) -> Iterator[tuple[Tile, dict]]:
+    """``(tile, values)`` for each tile to compute, here or on a Dask cluster."""
+    if client is None:
+        for tile in todo:
+            yield tile, compute_tile(net, x1, x2, tile, names)
+        return
+    from distributed import as_completed
+
+    net_f, x1_f = client.scatter(net, broadcast=True), client.scatter(x1, broadcast=True)
+    x2_f = None if x2 is None else client.scatter(x2, broadcast=True)
+    futures = {client.submit(compute_tile, net_f, x1_f, x2_f, tile, names, pure=False): tile
+               for tile in todo}
+    for future in as_completed(futures):
+        yield futures[future], future.result()
+        future.release()
+
+
+def kernel_matrix(
+    net: Layer,
+    x1: object,
+    x2: object | None = None,
+    get: str | tuple[str, ...] = "ntk",
+    tile: int | tuple[int, int] | str = "auto",
+    store: str | os.PathLike | None = None,
+    progress: bool = True,
+    client: object | None = None,
+    memory_limit: int | None = None,
+) -> torch.Tensor | Kernels:
+    """The kernel matrix ``K(x1, x2)`` of an architecture, computed in tiles.
+
+    Args:
+        net: the architecture.
+        x1, x2: inputs as for ``net.kernel``; ``x2=None`` means ``x1`` and computes only
+            the tiles on and above the diagonal.
+        get: ``"nngp"``, ``"ntk"`` or a tuple of them (then a :class:`Kernels`).
+        tile: ``"auto"`` (from ``memory_limit`` and the architecture's numbers per pair,
+            see :func:`auto_tile`), a side, or ``(rows, cols)``; need not divide N.
+        store: a folder (``.zarr``) where finished tiles are kept; the same call again
+            resumes. A store of another computation is refused with a ``ValueError``.
+        progress: a tqdm bar over tiles, with entries per second and time left.
+        client: a ``dask.distributed.Client``; tiles become tasks on its workers.
+        memory_limit: bytes for the output plus one tile's working set (default: half
+            the available memory).
+
+    Returns a CPU tensor ``(N1, N2)`` in the inputs' dtype (or :class:`Kernels`).
+    """
+    if not isinstance(net, Layer):
+        raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")
+    names = parse_get(get)
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(
+            memory_limit, int) or memory_limit < 1):
+        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+    t1, t2 = as_input_pair(x1, x2)
+    symmetric = t2 is None
+    n1, n2 = t1.shape[0], t1.shape[0] if symmetric else t2.shape[0]
+    dtype = np.dtype(str(t1.dtype).replace("torch.", ""))
+    if tile == "auto":
+        side = auto_tile(net, n1, n2, tuple(t1.shape[1:]), len(names), dtype.itemsize,
+                         memory_limit)
+        rows = cols = side
+    else:
+        rows, cols = _tile_sizes(tile, n1, n2, symmetric)
+    if symmetric:
+        rows = cols = min(rows, cols)
+    plan = plan_tiles(n1, n2, rows, cols, symmetric)
+    out = {name: np.empty((n1, n2), dtype=dtype) for name in names}
+    tile_store = None
+    finished: set[str] = set()
+    if store is not None:
+        identity = _identity(net, names, t1, t2, n1, n2, rows, cols, symmetric, dtype)
+        tile_store = TileStore(store, identity, n1, n2, rows, cols, names, dtype)
+        finished = tile_store.finished()
+
+    def place(tile: Tile, values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            out[name][tile.r0 : tile.r1, tile.c0 : tile.c1] = value
+            if symmetric and not tile.is_diagonal:
+                out[name][tile.c0 : tile.c1, tile.r0 : tile.r1] = value.T
+
+    todo = []
+    for t in plan:
+        if t.key in finished:
+            place(t, tile_store.read(t, names))
+        else:
+            todo.append(t)
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress,
+               desc="kernel tiles", unit="tile")
+    start, entries = time.perf_counter(), 0
+    try:
+        for t, values in _results(net, t1, t2, todo, names, client):
+            if tile_store is not None:
+                tile_store.write(t, values)
+            place(t, values)
+            entries += (t.r1 - t.r0) * (t.c1 - t.c0)
+            bar.update(1)
+            bar.set_postfix(entries_per_s=f"{entries / (time.perf_counter() - start):.3g}",
+                            refresh=False)
+    finally:
+        bar.close()
+    if tile_store is not None:
+        tile_store.mark_complete()
+    result = {name: torch.from_numpy(value) for name, value in out.items()}
+    return result[names[0]] if len(names) == 1 else Kernels(**result)
+
+
+def load_kernel(path: str | os.PathLike) -> torch.Tensor | Kernels:
+    """A finished kernel store of :func:`kernel_matrix` as a CPU tensor (or
+    :class:`Kernels`); refuses an unfinished one."""
+    import zarr
+
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise ValueError(f"{path} is not a kernel store (no zarr.json)")
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    identity = attrs.get("widenets")
+    if identity is None:
+        raise ValueError(f"store {path} was not written by widenets.kernel_matrix")
+    if not attrs.get("complete"):
+        raise ValueError(f"store {path} is unfinished; run the same kernel_matrix call again "
+                         "to complete it")
+    names = tuple(identity["get"])
+    values = {}
+    for name in names:
+        value = group[name][:]
+        if identity["symmetric"]:
+            lower = np.tril_indices(value.shape[0], -1)
+            value[lower] = value.T[lower]
+        values[name] = torch.from_numpy(value)
+    return values[names[0]] if len(names) == 1 else Kernels(**values)
+
+
+def store_description(path: str | os.PathLike) -> dict:
+    """What a store holds (its widenets attributes), as a dict for display."""
+    import zarr
+
+    return json.loads(json.dumps(dict(zarr.open_group(str(path), mode="r").attrs)))
