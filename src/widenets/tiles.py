@@ -140,12 +140,17 @@ def plan_tiles(n1: int, n2: int, rows: int, cols: int, symmetric: bool) -> list[
 def compute_tile(
     net: Layer, x1: torch.Tensor, x2: torch.Tensor | None, tile: Tile, names: tuple[str, ...]
 ) -> dict[str, np.ndarray]:
-    """One tile of each kernel, as NumPy arrays (a Dask task; picklable arguments)."""
-    rows = x1[tile.r0 : tile.r1]
+    """One tile of each kernel, as NumPy arrays (a Dask task; picklable arguments).
+
+    The rows and columns are copied into fresh buffers: the results of vectorised sums
+    can depend on the memory alignment of their operands, and a fresh buffer is aligned
+    the same way in every process, so a tile has the same bits wherever it is computed.
+    """
+    rows = x1[tile.r0 : tile.r1].clone()
     if x2 is None and tile.is_diagonal:
         kernels = net.kernel(rows, None, get=names)
     else:
-        cols = (x1 if x2 is None else x2)[tile.c0 : tile.c1]
+        cols = (x1 if x2 is None else x2)[tile.c0 : tile.c1].clone()
         kernels = net.kernel(rows, cols, get=names)
     return {name: kernels[name].detach().cpu().numpy() for name in names}
 

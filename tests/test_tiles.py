@@ -1,0 +1,235 @@
+"""Kernel matrices in tiles: awkward tile sizes equal the direct computation; a store
+resumes after SIGKILL recomputing only unfinished tiles; a mismatched store is refused;
+a Dask LocalCluster with 2 worker processes gives the identical matrix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import widenets as wn
+from widenets import tiles as tiles_module
+
+FC = wn.Sequential(wn.Linear(8, 1.5, 0.05), wn.ReLU(), wn.Linear(8, 1.5, 0.05), wn.Erf(),
+                   wn.Linear(1, 1.5, 0.05))
+CNN = wn.Sequential(wn.Conv2d(4, 3, padding="same", W_std=1.5, b_std=0.05), wn.ReLU(),
+                    wn.GlobalAvgPool(), wn.Linear(1, 1.5, 0.05))
+
+
+def data(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(n, *shape, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tile", [1, 7, (5, 11), 100, "auto"])
+@pytest.mark.parametrize("second", ["x2=None", "x2=given"])
+def test_awkward_tiles_equal_the_direct_kernel(tile, second):
+    x1 = data(23, (5,), seed=0)
+    x2 = None if second == "x2=None" else data(17, (5,), seed=1)
+    if x2 is None and isinstance(tile, tuple):
+        with pytest.raises(ValueError, match="tiles must be square"):
+            wn.kernel_matrix(FC, x1, x2, tile=tile, progress=False)
+        return
+    expected = FC.kernel(x1, x2, get=("nngp", "ntk"))
+    both = wn.kernel_matrix(FC, x1, x2, get=("nngp", "ntk"), tile=tile, progress=False)
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(both[name], expected[name], rtol=1e-12, atol=1e-13)
+    ntk = wn.kernel_matrix(FC, x1, x2, tile=tile, progress=False)
+    torch.testing.assert_close(ntk, expected.ntk, rtol=1e-12, atol=1e-13)
+    if x2 is None:
+        assert torch.equal(ntk, ntk.T)
+
+
+def test_convolutional_tiles_and_numpy_input():
+    x = data(9, (2, 5, 5), seed=2).numpy()
+    expected = CNN.kernel(x, None, get="ntk")
+    result = wn.kernel_matrix(CNN, x, tile=4, progress=False)
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-13)
+
+
+def test_symmetric_call_computes_only_the_upper_triangle(monkeypatch):
+    calls = []
+    original = tiles_module.compute_tile
+    monkeypatch.setattr(tiles_module, "compute_tile",
+                        lambda *a: calls.append(a[3]) or original(*a))
+    wn.kernel_matrix(FC, data(10, (5,), seed=3), tile=4, progress=False)
+    # Row blocks [0, 4), [4, 8), [8, 10): 3 + 2 + 1 tiles.
+    assert len(calls) == 6 and all(t.c0 >= t.r0 for t in calls)
+
+
+def test_auto_tile_follows_memory_and_pair_cost():
+    shape = (3, 8, 8)
+    dense = tiles_module.auto_tile(FC, 5000, 5000, (10,), 1, 8, memory_limit=1 << 30)
+    pooled = tiles_module.auto_tile(CNN, 5000, 5000, shape, 1, 8, memory_limit=1 << 30)
+    assert tiles_module.pair_cost(CNN, shape) == 64 * 64
+    assert tiles_module.pair_cost(FC, (10,)) == 1
+    assert pooled < dense and pooled * pooled * 64 * 64 * 8 * tiles_module.WORKING_COPIES <= (
+        (1 << 30) - 5000 * 5000 * 8)
+    with pytest.raises(ValueError, match="memory_limit"):
+        tiles_module.auto_tile(FC, 5000, 5000, (10,), 1, 8, memory_limit=100 << 20)
+
+
+def test_store_resumes_and_load_kernel(tmp_path, monkeypatch):
+    x = data(20, (5,), seed=4)
+    path = tmp_path / "k.zarr"
+    first = wn.kernel_matrix(FC, x, get=("nngp", "ntk"), tile=6, store=path, progress=False)
+    calls = []
+    original = tiles_module.compute_tile
+    monkeypatch.setattr(tiles_module, "compute_tile",
+                        lambda *a: calls.append(a[3]) or original(*a))
+    again = wn.kernel_matrix(FC, x, get=("nngp", "ntk"), tile=6, store=path, progress=False)
+    assert calls == []  # everything came from the store
+    loaded = wn.load_kernel(path)
+    for name in ("nngp", "ntk"):
+        assert torch.equal(again[name], first[name])
+        assert torch.equal(loaded[name], first[name])
+
+
+def test_mismatched_store_is_refused(tmp_path):
+    x = data(12, (5,), seed=5)
+    path = tmp_path / "k.zarr"
+    wn.kernel_matrix(FC, x, get="ntk", tile=5, store=path, progress=False)
+    other_net = wn.Sequential(wn.Linear(8, 1.4, 0.05), wn.ReLU(), wn.Linear(1, 1.5, 0.05))
+    cases = {
+        "inputs_sha256": dict(net=FC, x1=x + 1e-9, get="ntk"),
+        "architecture": dict(net=other_net, x1=x, get="ntk"),
+        "get": dict(net=FC, x1=x, get="nngp"),
+        "tile": dict(net=FC, x1=x, get="ntk", tile=4),
+    }
+    for field, kwargs in cases.items():
+        kwargs.setdefault("tile", 5)
+        with pytest.raises(ValueError, match=f"its {field} is"):
+            wn.kernel_matrix(store=path, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="not a kernel store"):
+        wn.load_kernel(tmp_path / "nothing.zarr")
+
+
+def test_unfinished_store_is_not_loaded(tmp_path, monkeypatch):
+    x = data(12, (5,), seed=6)
+    path = tmp_path / "k.zarr"
+    original = tiles_module.compute_tile
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(tiles_module, "compute_tile", failing)
+    with pytest.raises(KeyboardInterrupt):
+        wn.kernel_matrix(FC, x, tile=4, store=path, progress=False)
+    assert len(os.listdir(path / "done")) == 2
+    with pytest.raises(ValueError, match="unfinished"):
+        wn.load_kernel(path)
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    import torch
+    import widenets as wn
+    from widenets import tiles
+
+    original = tiles.compute_tile
+
+    def slow(*args):
+        time.sleep(0.3)
+        return original(*args)
+
+    tiles.compute_tile = slow
+    net = wn.Sequential(wn.Linear(8, 1.5, 0.05), wn.ReLU(), wn.Linear(8, 1.5, 0.05),
+                        wn.Erf(), wn.Linear(1, 1.5, 0.05))
+    x = torch.randn(30, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    wn.kernel_matrix(net, x, get=("nngp", "ntk"), tile=4, store=sys.argv[1], progress=False)
+""")
+
+
+def test_sigkill_then_resume_recomputes_only_unfinished_tiles(tmp_path, monkeypatch):
+    path = tmp_path / "k.zarr"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    done = path / "done"
+    while time.monotonic() < deadline:
+        if done.exists() and len([p for p in done.iterdir()
+                                  if not p.name.startswith(".")]) >= 5:
+            break
+        assert child.poll() is None, "the child finished before it was killed"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    finished = {p.name for p in done.iterdir() if not p.name.startswith(".")}
+    n_tiles = len(tiles_module.plan_tiles(30, 30, 4, 4, True))  # 8 row blocks: 36 tiles
+    assert 5 <= len(finished) < n_tiles
+
+    calls = []
+    original = tiles_module.compute_tile
+    monkeypatch.setattr(tiles_module, "compute_tile",
+                        lambda *a: calls.append(a[3].key) or original(*a))
+    x = data(30, (5,), seed=7)
+    resumed = wn.kernel_matrix(FC, x, get=("nngp", "ntk"), tile=4, store=path, progress=False)
+    assert sorted(calls) == sorted(
+        t.key for t in tiles_module.plan_tiles(30, 30, 4, 4, True) if t.key not in finished)
+    expected = wn.kernel_matrix(FC, x, get=("nngp", "ntk"), tile=4, progress=False)
+    for name in ("nngp", "ntk"):
+        assert torch.equal(resumed[name], expected[name])
+        assert torch.equal(wn.load_kernel(path)[name], expected[name])
+
+
+def test_local_cluster_gives_the_identical_matrix(tmp_path):
+    """Bit for bit (tiles are computed on freshly aligned copies of their inputs)."""
+    import distributed
+
+    x1, x2 = data(21, (5,), seed=8), data(13, (5,), seed=9)
+    expected = wn.kernel_matrix(FC, x1, x2, get=("nngp", "ntk"), tile=5, progress=False)
+    symmetric = wn.kernel_matrix(FC, x1, get="ntk", tile=5, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        result = wn.kernel_matrix(FC, x1, x2, get=("nngp", "ntk"), tile=5, progress=False,
+                                  client=client)
+        stored = wn.kernel_matrix(FC, x1, get="ntk", tile=5, progress=False, client=client,
+                                  store=tmp_path / "k.zarr")
+    for name in ("nngp", "ntk"):
+        assert torch.equal(result[name], expected[name])
+    assert torch.equal(stored, symmetric)
+    assert torch.equal(wn.load_kernel(tmp_path / "k.zarr"), symmetric)
+
+
+def test_bad_arguments():
+    x = data(5, (3,), seed=10)
+    with pytest.raises(TypeError, match="net must be a widenets layer"):
+        wn.kernel_matrix("fc", x)
+    with pytest.raises(TypeError, match="tile must be"):
+        wn.kernel_matrix(FC, x, tile="big")
+    with pytest.raises(ValueError, match="tile sizes must be >= 1"):
+        wn.kernel_matrix(FC, x, tile=0)
+    with pytest.raises(ValueError, match="memory_limit"):
+        wn.kernel_matrix(FC, x, memory_limit=-1)
+    with pytest.raises(ValueError, match="get must name"):
+        wn.kernel_matrix(FC, x, get="both")
+
+
+def test_store_is_plain_zarr_and_json(tmp_path):
+    """No pickle anywhere: the store's metadata is JSON and its arrays are Zarr chunks."""
+    path = tmp_path / "k.zarr"
+    wn.kernel_matrix(FC, data(6, (3,), seed=11), tile=4, store=path, progress=False)
+    for file in Path(path).rglob("*"):
+        if file.is_file():
+            assert not file.read_bytes().startswith(b"\\x80"), file  # pickle protocol header
+    description = tiles_module.store_description(path)
+    assert description["complete"] is True
+    assert description["widenets"]["get"] == ["ntk"]
+    assert description["widenets"]["shape"] == [6, 6]
+    np.testing.assert_array_equal(description["widenets"]["tile"], [4, 4])
