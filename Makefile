@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(VPY) benchmarks/bench_kernels.py
 	$(VPY) benchmarks/bench_conv.py
 	$(VPY) benchmarks/bench_empirical.py
+	$(VPY) benchmarks/bench_tiles.py
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -233,3 +233,17 @@ def test_store_is_plain_zarr_and_json(tmp_path):
     assert description["widenets"]["get"] == ["ntk"]
     assert description["widenets"]["shape"] == [6, 6]
     np.testing.assert_array_equal(description["widenets"]["tile"], [4, 4])
+
+
+def test_auto_tiles_resume_from_the_store_whatever_memory_is_free(tmp_path, monkeypatch):
+    x = data(40, (5,), seed=12)
+    path = tmp_path / "k.zarr"
+    first = wn.kernel_matrix(FC, x, store=path, progress=False,
+                             memory_limit=40 * 40 * 8 + 12 * 8 * 15 * 15)  # tiles of 15
+    assert tiles_module.stored_tile_sizes(path) == (15, 15)
+    calls = []
+    original = tiles_module.compute_tile
+    monkeypatch.setattr(tiles_module, "compute_tile",
+                        lambda *a: calls.append(1) or original(*a))
+    again = wn.kernel_matrix(FC, x, store=path, progress=False)  # auto would now pick 40
+    assert calls == [] and torch.equal(again, first)

@@ -8,6 +8,9 @@ Subcommands (one function each, registered in :data:`COMMANDS`):
   widths trained beside their linearizations (see
   :func:`widenets.experiments.lazy_training`); writes ``losses.png``, ``scaling.png``
   and ``report.md`` into ``--out`` and prints the fitted slopes against width.
+* ``widenets kernel``: a large NNGP / NTK matrix computed in tiles into a resumable Zarr
+  store (see :func:`widenets.kernel_matrix`), optionally on a Dask cluster
+  (``--scheduler``); Ctrl-C keeps the finished tiles and the same command resumes.
 
 To add a subcommand, write ``add_<name>_parser(subparsers)`` that creates its parser and
 sets ``handler`` (a function of the parsed arguments returning an exit status) with
@@ -20,6 +23,9 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
 
 from . import __version__
 
@@ -45,6 +51,18 @@ def nonnegative_int(text: str) -> int:
         ) from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
     return value
 
 
@@ -237,10 +255,278 @@ def run_lazy_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- kernel
+#: Architectures of ``widenets kernel``.
+KERNEL_ARCHITECTURES = ("fc", "cnn-gap", "cnn-flatten")
+
+
+def tile_side(text: str) -> int | str:
+    """An argparse type: ``auto`` or a positive integer."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
+def kernel_names(text: str) -> tuple[str, ...]:
+    """An argparse type: ``nngp``, ``ntk`` or both separated by a comma."""
+    names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not names or any(n not in ("nngp", "ntk") for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected nngp, ntk or nngp,ntk, got {text!r}")
+    return names
+
+
+def add_kernel_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``widenets kernel``."""
+    parser = subparsers.add_parser(
+        "kernel",
+        help="a large NNGP / NTK matrix in tiles, kept in a resumable Zarr store",
+        description=(
+            "Compute the NNGP and/or NTK matrix of an infinitely wide network on the digits "
+            "or on inputs from a .npy file, in tiles (see widenets.kernel_matrix), and keep "
+            "every finished tile in a Zarr store. Interrupted (Ctrl-C, or even killed), the "
+            "same command again resumes; read the result with widenets.load_kernel(STORE)."
+        ),
+    )
+    parser.add_argument("--data", required=True, metavar="digits|PATH.npy",
+                        help="'digits' (scikit-learn's 1797 8x8 images, scaled as in the "
+                             "demo: (N, 64) for fc, (N, 1, 8, 8) for the CNNs) or a .npy "
+                             "file of inputs (N, features) for fc, (N, C, H, W) for the CNNs")
+    parser.add_argument("--data2", default=None, metavar="digits|PATH.npy",
+                        help="second inputs, for K(data, data2) (default: data itself, "
+                             "computing only the tiles on and above the diagonal)")
+    parser.add_argument("--arch", choices=KERNEL_ARCHITECTURES, default="fc",
+                        help="fully connected, or 3x3 convolutions ('same' padding) ending "
+                             "in global average pooling or flattening (default: %(default)s)")
+    parser.add_argument("--depth", type=positive_int, default=2,
+                        help="hidden layers, each followed by the activation, before the "
+                             "linear read-out (default: %(default)s)")
+    parser.add_argument("--W-std", dest="W_std", type=positive_float, default=1.5,
+                        help="weight scale of every layer (default: %(default)s)")
+    parser.add_argument("--b-std", dest="b_std", type=nonnegative_float, default=0.05,
+                        help="bias scale of every layer (default: %(default)s)")
+    parser.add_argument("--activation", choices=("relu", "erf"), default="relu",
+                        help="activation after each hidden layer (default: %(default)s)")
+    parser.add_argument("--get", type=kernel_names, default=("ntk",), metavar="nngp|ntk|nngp,ntk",
+                        help="which kernels (default: ntk)")
+    parser.add_argument("--store", required=True, metavar="OUT.zarr",
+                        help="Zarr folder where finished tiles are kept; the same command "
+                             "again resumes")
+    parser.add_argument("--tile", type=tile_side, default="auto", metavar="N|auto",
+                        help="tile side in examples; 'auto' chooses it from the memory "
+                             "limit, or reuses the store's when resuming (default: auto)")
+    parser.add_argument("--memory-limit", type=positive_float, default=None, metavar="MiB",
+                        help="memory for the result plus one tile's working set, for "
+                             "--tile auto (default: half the available memory)")
+    parser.add_argument("--n", type=positive_int, default=None, metavar="N",
+                        help="use only the first N examples of --data and of --data2")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="address of a Dask scheduler (e.g. tcp://host:8786): tiles "
+                             "are computed on its workers; this process writes the store")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=run_kernel_command, parser=parser)
+    return parser
+
+
+def kernel_architecture(arch: str, depth: int, W_std: float, b_std: float, activation: str):
+    """The architecture of ``widenets kernel``: ``depth`` x [Linear or 3x3 Conv2d,
+    activation], then (CNNs) GlobalAvgPool or Flatten, then a linear read-out."""
+    from .layers import Conv2d, Erf, Flatten, GlobalAvgPool, Linear, ReLU, Sequential
+
+    act = {"relu": ReLU, "erf": Erf}[activation]
+    layers = []
+    for _ in range(depth):
+        if arch == "fc":
+            layers.append(Linear(1, W_std, b_std))
+        else:
+            layers.append(Conv2d(1, 3, padding="same", W_std=W_std, b_std=b_std))
+        layers.append(act())
+    if arch == "cnn-gap":
+        layers.append(GlobalAvgPool())
+    elif arch == "cnn-flatten":
+        layers.append(Flatten())
+    layers.append(Linear(1, W_std, b_std))
+    return Sequential(*layers)
+
+
+def digits_inputs() -> np.ndarray:
+    """All 1797 digits as in the demo's :func:`~widenets.demo.load_data`, in scikit-learn's
+    order: pixels / 16, centred by the mean image, each scaled to norm 8. ``(1797, 64)``."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("--data digits needs scikit-learn: pip install 'widenets[demo]'"
+                          ) from None
+    images = load_digits().data.astype(np.float64) / 16.0
+    x = images - images.mean(axis=0)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x * (math.sqrt(x.shape[1]) / np.maximum(norms, 1e-12))
+
+
+def kernel_inputs(source: str, arch: str, n: int | None, option: str) -> np.ndarray:
+    """The inputs named by ``--data`` / ``--data2``, float64, first ``n`` examples.
+    Raises ``ValueError`` with a message for the user."""
+    if source == "digits":
+        x = digits_inputs()
+        if arch != "fc":
+            x = x.reshape(-1, 1, 8, 8)
+    else:
+        path = Path(source)
+        if path.suffix != ".npy":
+            raise ValueError(f"{option} must be 'digits' or a .npy file, got {source!r}")
+        if not path.is_file():
+            raise ValueError(f"{option}: no such file {source!r}")
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{option}: cannot read {source!r} as a .npy array: {error}"
+                             ) from None
+        if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+            raise ValueError(f"{option}: {source!r} holds {x.dtype}, not real numbers")
+        x = np.ascontiguousarray(x, dtype=np.float64)
+    wanted = 2 if arch == "fc" else 4
+    if x.ndim != wanted:
+        shape = "(N, features)" if arch == "fc" else "(N, C, H, W)"
+        raise ValueError(f"{option}: --arch {arch} needs inputs {shape}, got shape {x.shape}")
+    if len(x) == 0:
+        raise ValueError(f"{option}: no examples in {source!r}")
+    return x if n is None else x[:n]
+
+
+def _store_identity(path: Path) -> dict | None:
+    """The widenets attributes of an existing kernel store (None: no store there yet).
+    Raises ``ValueError`` for a path that is not a kernel store."""
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        raise ValueError(f"--store {path} exists and is not a folder")
+    if not (path / "zarr.json").exists():
+        if any(path.iterdir()):
+            raise ValueError(f"--store {path} is a folder that is not a kernel store; "
+                             "use a new path")
+        return None
+    from .tiles import store_description
+
+    return store_description(path).get("widenets")
+
+
+def _done_tiles(path: Path) -> int:
+    from .tiles import DONE
+
+    done = path / DONE
+    return sum(1 for p in done.iterdir() if not p.name.startswith(".")) if done.is_dir() else 0
+
+
+def run_kernel_command(args: argparse.Namespace) -> int:
+    """Run ``widenets kernel``: compute the kernel matrix into the store, resuming."""
+    import time
+
+    import torch
+
+    from . import tiles
+
+    def usage_error(message: str) -> int:
+        print(f"widenets kernel: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        x1 = kernel_inputs(args.data, args.arch, args.n, "--data")
+        x2 = (None if args.data2 is None
+              else kernel_inputs(args.data2, args.arch, args.n, "--data2"))
+    except ImportError as error:
+        print(f"widenets kernel: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        return usage_error(str(error))
+    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        return usage_error(f"--data2 examples have shape {x2.shape[1:]}, --data examples "
+                           f"{x1.shape[1:]}")
+    try:
+        import zarr  # noqa: F401
+    except ImportError:
+        print("widenets kernel: the store needs zarr: pip install 'widenets[store]'",
+              file=sys.stderr)
+        return 1
+    net = kernel_architecture(args.arch, args.depth, args.W_std, args.b_std, args.activation)
+    names = args.get
+    t1 = torch.from_numpy(x1)
+    t2 = None if x2 is None else torch.from_numpy(x2)
+    symmetric = t2 is None
+    n1, n2 = len(x1), len(x1) if symmetric else len(x2)
+    memory_limit = None if args.memory_limit is None else int(args.memory_limit * 2**20)
+    store = Path(args.store)
+    try:
+        stored = _store_identity(store)
+        if args.tile != "auto":
+            tile = args.tile
+        elif stored is not None and "tile" in stored:
+            # Resuming: the side 'auto' chose then (the memory available now may differ).
+            tile = tuple(stored["tile"])
+        else:
+            tile = tiles.auto_tile(net, n1, n2, tuple(x1.shape[1:]), len(names), 8,
+                                   memory_limit)
+        rows, cols = tiles._tile_sizes(tile, n1, n2, symmetric)
+        if symmetric:
+            rows = cols = min(rows, cols)
+        plan = tiles.plan_tiles(n1, n2, rows, cols, symmetric)
+        # Open (or create) the store once here: a store of another computation is refused
+        # before anything is computed, and the finished tiles can be counted.
+        identity = tiles._identity(net, names, t1, t2, n1, n2, rows, cols, symmetric,
+                                   x1.dtype)
+        finished = tiles.TileStore(store, identity, n1, n2, rows, cols, names,
+                                   x1.dtype).finished()
+    except ValueError as error:
+        return usage_error(str(error))
+    done = len(finished & {t.key for t in plan})
+    what = " and ".join(name.upper() for name in names)
+    shape = (n1, n2)
+    print(f"{what} of {args.arch} (depth {args.depth}, {args.activation}) on "
+          f"{n1} x {n2} examples of shape {tuple(x1.shape[1:])}: {len(plan)} "
+          f"tile{'s' if len(plan) != 1 else ''} of {rows} x {cols}")
+    print(f"store: {store}")
+    print(f"tiles already done: {done} of {len(plan)}")
+    client = None
+    start = time.perf_counter()
+    try:
+        if args.scheduler is not None:
+            try:
+                from distributed import Client
+            except ImportError:
+                print("widenets kernel: --scheduler needs dask.distributed: "
+                      "pip install 'widenets[dask]'", file=sys.stderr)
+                return 1
+            try:
+                client = Client(args.scheduler)
+            except (OSError, ValueError) as error:
+                print(f"widenets kernel: cannot connect to the Dask scheduler at "
+                      f"{args.scheduler}: {error}", file=sys.stderr)
+                return 1
+            print(f"dask: {len(client.scheduler_info().get('workers', {}))} workers at "
+                  f"{args.scheduler}")
+        tiles.kernel_matrix(net, t1, t2, get=names, tile=(rows, cols), store=store,
+                            progress=not args.no_progress, client=client,
+                            memory_limit=memory_limit)
+    except KeyboardInterrupt:
+        kept = _done_tiles(store)
+        print(f"\ninterrupted: {kept} of {len(plan)} tiles are finished and kept in {store}; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    except ValueError as error:
+        print(f"widenets kernel: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    seconds = time.perf_counter() - start
+    computed = len(plan) - done
+    print(f"computed {computed} of {len(plan)} tiles in {seconds:.2f} s")
+    print(f"{what} {shape[0]} x {shape[1]} float64 in {store} "
+          f"(read it with widenets.load_kernel({str(store)!r}))")
+    return 0
+
+
 #: Functions registering one subcommand each.
 COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
     add_demo_parser,
     add_lazy_parser,
+    add_kernel_parser,
 ]
 
 

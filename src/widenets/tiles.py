@@ -249,6 +249,30 @@ def _results(net, x1, x2, todo: list[Tile], names, client) -> Iterator[tuple[Til
         future.release()
 
 
+#: Side of the blocks in which a tile is copied transposed (cache-friendly).
+TRANSPOSE_BLOCK = 256
+
+
+def copy_transposed(value: np.ndarray, out: np.ndarray, r0: int, c0: int) -> None:
+    """``out[r0:, c0:]`` (the size of ``value.T``) ``= value.T``, block by block: a
+    transposed copy of a large array in one go strides through memory."""
+    rows, cols = value.shape
+    for i in range(0, rows, TRANSPOSE_BLOCK):
+        for j in range(0, cols, TRANSPOSE_BLOCK):
+            block = value[i : i + TRANSPOSE_BLOCK, j : j + TRANSPOSE_BLOCK]
+            out[r0 + j : r0 + j + block.shape[1], c0 + i : c0 + i + block.shape[0]] = block.T
+
+
+def stored_tile_sizes(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The tile sizes of an existing kernel store, or ``None`` if there is none."""
+    if not (Path(path) / "zarr.json").exists():
+        return None
+    import zarr
+
+    identity = dict(zarr.open_group(str(path), mode="r").attrs).get("widenets")
+    return None if identity is None else tuple(identity["tile"])
+
+
 def kernel_matrix(
     net: Layer,
     x1: object,
@@ -268,7 +292,8 @@ def kernel_matrix(
             the tiles on and above the diagonal.
         get: ``"nngp"``, ``"ntk"`` or a tuple of them (then a :class:`Kernels`).
         tile: ``"auto"`` (from ``memory_limit`` and the architecture's numbers per pair,
-            see :func:`auto_tile`), a side, or ``(rows, cols)``; need not divide N.
+            see :func:`auto_tile`; an existing store's tiles when resuming), a side, or
+            ``(rows, cols)``; need not divide N.
         store: a folder (``.zarr``) where finished tiles are kept; the same call again
             resumes. A store of another computation is refused with a ``ValueError``.
         progress: a tqdm bar over tiles, with entries per second and time left.
@@ -288,10 +313,13 @@ def kernel_matrix(
     symmetric = t2 is None
     n1, n2 = t1.shape[0], t1.shape[0] if symmetric else t2.shape[0]
     dtype = np.dtype(str(t1.dtype).replace("torch.", ""))
-    if tile == "auto":
+    stored_tile = None if store is None else stored_tile_sizes(store)
+    if tile == "auto" and stored_tile is not None:
+        rows, cols = stored_tile  # resume with the store's tiles, whatever memory is free now
+    elif tile == "auto":
         side = auto_tile(net, n1, n2, tuple(t1.shape[1:]), len(names), dtype.itemsize,
                          memory_limit)
-        rows = cols = side
+        rows, cols = min(side, n1), min(side, n2)
     else:
         rows, cols = _tile_sizes(tile, n1, n2, symmetric)
     if symmetric:
@@ -309,7 +337,7 @@ def kernel_matrix(
         for name, value in values.items():
             out[name][tile.r0 : tile.r1, tile.c0 : tile.c1] = value
             if symmetric and not tile.is_diagonal:
-                out[name][tile.c0 : tile.c1, tile.r0 : tile.r1] = value.T
+                copy_transposed(value, out[name], tile.c0, tile.r0)
 
     todo = []
     for t in plan:
@@ -329,6 +357,7 @@ def kernel_matrix(
             bar.update(1)
             bar.set_postfix(entries_per_s=f"{entries / (time.perf_counter() - start):.3g}",
                             refresh=False)
+            del values  # one tile in memory while the next is computed
     finally:
         bar.close()
     if tile_store is not None:
