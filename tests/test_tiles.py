@@ -112,6 +112,12 @@ def test_mismatched_store_is_refused(tmp_path):
             wn.kernel_matrix(store=path, progress=False, **kwargs)
     with pytest.raises(ValueError, match="not a kernel store"):
         wn.load_kernel(tmp_path / "nothing.zarr")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is a folder that is not a kernel store"):
+        wn.kernel_matrix(FC, x, store=other, progress=False)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_unfinished_store_is_not_loaded(tmp_path, monkeypatch):

@@ -390,30 +390,6 @@ def kernel_inputs(source: str, arch: str, n: int | None, option: str) -> np.ndar
     return x if n is None else x[:n]
 
 
-def _store_identity(path: Path) -> dict | None:
-    """The widenets attributes of an existing kernel store (None: no store there yet).
-    Raises ``ValueError`` for a path that is not a kernel store."""
-    if not path.exists():
-        return None
-    if not path.is_dir():
-        raise ValueError(f"--store {path} exists and is not a folder")
-    if not (path / "zarr.json").exists():
-        if any(path.iterdir()):
-            raise ValueError(f"--store {path} is a folder that is not a kernel store; "
-                             "use a new path")
-        return None
-    from .tiles import store_description
-
-    return store_description(path).get("widenets")
-
-
-def _done_tiles(path: Path) -> int:
-    from .tiles import DONE
-
-    done = path / DONE
-    return sum(1 for p in done.iterdir() if not p.name.startswith(".")) if done.is_dir() else 0
-
-
 def run_kernel_command(args: argparse.Namespace) -> int:
     """Run ``widenets kernel``: compute the kernel matrix into the store, resuming."""
     import time
@@ -445,41 +421,24 @@ def run_kernel_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     net = kernel_architecture(args.arch, args.depth, args.W_std, args.b_std, args.activation)
-    names = args.get
-    t1 = torch.from_numpy(x1)
-    t2 = None if x2 is None else torch.from_numpy(x2)
-    symmetric = t2 is None
-    n1, n2 = len(x1), len(x1) if symmetric else len(x2)
     memory_limit = None if args.memory_limit is None else int(args.memory_limit * 2**20)
     store = Path(args.store)
     try:
-        stored = _store_identity(store)
-        if args.tile != "auto":
-            tile = args.tile
-        elif stored is not None and "tile" in stored:
-            # Resuming: the side 'auto' chose then (the memory available now may differ).
-            tile = tuple(stored["tile"])
-        else:
-            tile = tiles.auto_tile(net, n1, n2, tuple(x1.shape[1:]), len(names), 8,
-                                   memory_limit)
-        rows, cols = tiles._tile_sizes(tile, n1, n2, symmetric)
-        if symmetric:
-            rows = cols = min(rows, cols)
-        plan = tiles.plan_tiles(n1, n2, rows, cols, symmetric)
-        # Open (or create) the store once here: a store of another computation is refused
-        # before anything is computed, and the finished tiles can be counted.
-        identity = tiles._identity(net, names, t1, t2, n1, n2, rows, cols, symmetric,
-                                   x1.dtype)
-        finished = tiles.TileStore(store, identity, n1, n2, rows, cols, names,
-                                   x1.dtype).finished()
+        # Opens (or creates) the store: a store of another computation is refused before
+        # anything is computed, and the finished tiles can be counted.
+        job = tiles.prepare_kernel(net, torch.from_numpy(x1),
+                                   None if x2 is None else torch.from_numpy(x2),
+                                   get=args.get, tile=args.tile, store=store,
+                                   memory_limit=memory_limit)
     except ValueError as error:
         return usage_error(str(error))
-    done = len(finished & {t.key for t in plan})
-    what = " and ".join(name.upper() for name in names)
-    shape = (n1, n2)
+    plan = job.plan
+    done = len(job.finished())
+    what = " and ".join(name.upper() for name in job.names)
+    n1, n2 = job.shape
     print(f"{what} of {args.arch} (depth {args.depth}, {args.activation}) on "
           f"{n1} x {n2} examples of shape {tuple(x1.shape[1:])}: {len(plan)} "
-          f"tile{'s' if len(plan) != 1 else ''} of {rows} x {cols}")
+          f"tile{'s' if len(plan) != 1 else ''} of {job.rows} x {job.cols}")
     print(f"store: {store}")
     print(f"tiles already done: {done} of {len(plan)}")
     client = None
@@ -500,11 +459,9 @@ def run_kernel_command(args: argparse.Namespace) -> int:
                 return 1
             print(f"dask: {len(client.scheduler_info().get('workers', {}))} workers at "
                   f"{args.scheduler}")
-        tiles.kernel_matrix(net, t1, t2, get=names, tile=(rows, cols), store=store,
-                            progress=not args.no_progress, client=client,
-                            memory_limit=memory_limit)
+        tiles.compute_kernel(job, progress=not args.no_progress, client=client)
     except KeyboardInterrupt:
-        kept = _done_tiles(store)
+        kept = len(job.finished())
         print(f"\ninterrupted: {kept} of {len(plan)} tiles are finished and kept in {store}; "
               "run the same command again to resume", file=sys.stderr)
         return 130
@@ -517,7 +474,7 @@ def run_kernel_command(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     computed = len(plan) - done
     print(f"computed {computed} of {len(plan)} tiles in {seconds:.2f} s")
-    print(f"{what} {shape[0]} x {shape[1]} float64 in {store} "
+    print(f"{what} {n1} x {n2} float64 in {store} "
           f"(read it with widenets.load_kernel({str(store)!r}))")
     return 0
 

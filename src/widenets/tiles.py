@@ -178,6 +178,12 @@ class TileStore:
 
         self.path = Path(path)
         self.done = self.path / DONE
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"store {self.path} exists and is not a folder")
+        if (self.path.exists() and not (self.path / "zarr.json").exists()
+                and any(self.path.iterdir())):
+            raise ValueError(f"store {self.path} is a folder that is not a kernel store; "
+                             "use a new path")
         self.group = zarr.open_group(str(self.path), mode="a")
         # A store killed while being created has no attributes and no finished tile.
         fresh = "widenets" not in self.group.attrs and not (
@@ -273,6 +279,117 @@ def stored_tile_sizes(path: str | os.PathLike) -> tuple[int, int] | None:
     return None if identity is None else tuple(identity["tile"])
 
 
+@dataclass
+class KernelJob:
+    """A kernel matrix to compute: its inputs, tiles and (opened, checked) store."""
+
+    net: Layer
+    names: tuple[str, ...]
+    x1: torch.Tensor
+    x2: torch.Tensor | None
+    rows: int
+    cols: int
+    dtype: np.dtype
+    store: TileStore | None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.x2 is None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.x1.shape[0], (self.x1 if self.x2 is None else self.x2).shape[0]
+
+    @property
+    def plan(self) -> list[Tile]:
+        return plan_tiles(*self.shape, self.rows, self.cols, self.symmetric)
+
+    def finished(self) -> set[str]:
+        """Keys of the tiles already in the store."""
+        return set() if self.store is None else self.store.finished()
+
+
+def prepare_kernel(
+    net: Layer,
+    x1: object,
+    x2: object | None = None,
+    get: str | tuple[str, ...] = "ntk",
+    tile: int | tuple[int, int] | str = "auto",
+    store: str | os.PathLike | None = None,
+    memory_limit: int | None = None,
+) -> KernelJob:
+    """Check the arguments of :func:`kernel_matrix`, choose its tiles and open its store
+    (refusing a store of another computation) without computing anything."""
+    if not isinstance(net, Layer):
+        raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")
+    names = parse_get(get)
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(
+            memory_limit, int) or memory_limit < 1):
+        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+    t1, t2 = as_input_pair(x1, x2)
+    symmetric = t2 is None
+    n1, n2 = t1.shape[0], t1.shape[0] if symmetric else t2.shape[0]
+    dtype = np.dtype(str(t1.dtype).replace("torch.", ""))
+    stored_tile = None if store is None else stored_tile_sizes(store)
+    if tile == "auto" and stored_tile is not None:
+        rows, cols = stored_tile  # resume with the store's tiles, whatever memory is free now
+    elif tile == "auto":
+        side = auto_tile(net, n1, n2, tuple(t1.shape[1:]), len(names), dtype.itemsize,
+                         memory_limit)
+        rows, cols = min(side, n1), min(side, n2)
+    else:
+        rows, cols = _tile_sizes(tile, n1, n2, symmetric)
+    if symmetric:
+        rows = cols = min(rows, cols)
+    tile_store = None
+    if store is not None:
+        identity = _identity(net, names, t1, t2, n1, n2, rows, cols, symmetric, dtype)
+        tile_store = TileStore(store, identity, n1, n2, rows, cols, names, dtype)
+    return KernelJob(net, names, t1, t2, rows, cols, dtype, tile_store)
+
+
+def compute_kernel(
+    job: KernelJob, progress: bool = True, client: object | None = None
+) -> torch.Tensor | Kernels:
+    """Compute a prepared kernel matrix: finished tiles are read from the store, the
+    others computed (here or on ``client``'s workers) and written to it."""
+    names, symmetric, plan, tile_store = job.names, job.symmetric, job.plan, job.store
+    out = {name: np.empty(job.shape, dtype=job.dtype) for name in names}
+    finished = job.finished()
+
+    def place(tile: Tile, values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            out[name][tile.r0 : tile.r1, tile.c0 : tile.c1] = value
+            if symmetric and not tile.is_diagonal:
+                copy_transposed(value, out[name], tile.c0, tile.r0)
+
+    todo = []
+    for t in plan:
+        if t.key in finished:
+            place(t, tile_store.read(t, names))
+        else:
+            todo.append(t)
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress,
+               desc="kernel tiles", unit="tile")
+    start, entries = time.perf_counter(), 0
+    try:
+        for t, values in _results(job.net, job.x1, job.x2, todo, names, client):
+            if tile_store is not None:
+                tile_store.write(t, values)
+            place(t, values)
+            entries += (t.r1 - t.r0) * (t.c1 - t.c0)
+            bar.update(1)
+            bar.set_postfix(entries_per_s=f"{entries / (time.perf_counter() - start):.3g}",
+                            refresh=False)
+            del values  # one tile in memory while the next is computed
+    finally:
+        bar.close()
+    if tile_store is not None:
+        tile_store.mark_complete()
+    result = {name: torch.from_numpy(value) for name, value in out.items()}
+    return result[names[0]] if len(names) == 1 else Kernels(**result)
+
+
 def kernel_matrix(
     net: Layer,
     x1: object,
@@ -301,69 +418,11 @@ def kernel_matrix(
         memory_limit: bytes for the output plus one tile's working set (default: half
             the available memory).
 
-    Returns a CPU tensor ``(N1, N2)`` in the inputs' dtype (or :class:`Kernels`).
+    Returns a CPU tensor ``(N1, N2)`` in the inputs' dtype (or :class:`Kernels`). The
+    same as :func:`compute_kernel` of :func:`prepare_kernel`.
     """
-    if not isinstance(net, Layer):
-        raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")
-    names = parse_get(get)
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(
-            memory_limit, int) or memory_limit < 1):
-        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
-    t1, t2 = as_input_pair(x1, x2)
-    symmetric = t2 is None
-    n1, n2 = t1.shape[0], t1.shape[0] if symmetric else t2.shape[0]
-    dtype = np.dtype(str(t1.dtype).replace("torch.", ""))
-    stored_tile = None if store is None else stored_tile_sizes(store)
-    if tile == "auto" and stored_tile is not None:
-        rows, cols = stored_tile  # resume with the store's tiles, whatever memory is free now
-    elif tile == "auto":
-        side = auto_tile(net, n1, n2, tuple(t1.shape[1:]), len(names), dtype.itemsize,
-                         memory_limit)
-        rows, cols = min(side, n1), min(side, n2)
-    else:
-        rows, cols = _tile_sizes(tile, n1, n2, symmetric)
-    if symmetric:
-        rows = cols = min(rows, cols)
-    plan = plan_tiles(n1, n2, rows, cols, symmetric)
-    out = {name: np.empty((n1, n2), dtype=dtype) for name in names}
-    tile_store = None
-    finished: set[str] = set()
-    if store is not None:
-        identity = _identity(net, names, t1, t2, n1, n2, rows, cols, symmetric, dtype)
-        tile_store = TileStore(store, identity, n1, n2, rows, cols, names, dtype)
-        finished = tile_store.finished()
-
-    def place(tile: Tile, values: dict[str, np.ndarray]) -> None:
-        for name, value in values.items():
-            out[name][tile.r0 : tile.r1, tile.c0 : tile.c1] = value
-            if symmetric and not tile.is_diagonal:
-                copy_transposed(value, out[name], tile.c0, tile.r0)
-
-    todo = []
-    for t in plan:
-        if t.key in finished:
-            place(t, tile_store.read(t, names))
-        else:
-            todo.append(t)
-    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress,
-               desc="kernel tiles", unit="tile")
-    start, entries = time.perf_counter(), 0
-    try:
-        for t, values in _results(net, t1, t2, todo, names, client):
-            if tile_store is not None:
-                tile_store.write(t, values)
-            place(t, values)
-            entries += (t.r1 - t.r0) * (t.c1 - t.c0)
-            bar.update(1)
-            bar.set_postfix(entries_per_s=f"{entries / (time.perf_counter() - start):.3g}",
-                            refresh=False)
-            del values  # one tile in memory while the next is computed
-    finally:
-        bar.close()
-    if tile_store is not None:
-        tile_store.mark_complete()
-    result = {name: torch.from_numpy(value) for name, value in out.items()}
-    return result[names[0]] if len(names) == 1 else Kernels(**result)
+    job = prepare_kernel(net, x1, x2, get, tile, store, memory_limit)
+    return compute_kernel(job, progress, client)
 
 
 def load_kernel(path: str | os.PathLike) -> torch.Tensor | Kernels:
