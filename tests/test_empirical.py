@@ -201,5 +201,6 @@ def test_memory_bounded_batches_give_the_same_kernel(implementation, monkeypatch
                                       implementation=implementation, batch_size=2)
         torch.testing.assert_close(recomputed, kept[second is None], rtol=1e-13, atol=1e-13)
         if implementation == "jacobian":
-            # 3 row batches; x2=None: 3 + 2 + 1 column batches; x2 given: 3 x 2.
-            assert len(calls) == (3 + 3 + 2 + 1 if second is None else 3 + 3 * 2)
+            # 3 row batches; x2=None: the columns right of the diagonal, 2 + 1 (the
+            # diagonal block reuses its row batch); x2 given: 3 x 2.
+            assert len(calls) == (3 + 2 + 1 if second is None else 3 + 3 * 2)

@@ -12,6 +12,7 @@ from .structured_ntk import (
     factored_layers,
     find_affine_layers,
     layer_ntk,
+    output_pairs,
     pair_costs,
     structured_parts,
     with_forward_hooks,
@@ -60,10 +61,11 @@ def _check_choice(value: object, choices: tuple[str, ...], name: str) -> str:
 
 
 def _reduce_outputs(block: torch.Tensor, outputs: str) -> torch.Tensor:
-    """``(N1, N2, O, O)`` as is (``full``), or the mean of its O diagonal blocks (``mean``)."""
+    """``(N1, N2, O, O)`` as is (``full``), or the sum of its O diagonal blocks (``mean``;
+    :func:`empirical_ntk` divides by ``O`` once at the end)."""
     if outputs == "full":
         return block
-    return torch.diagonal(block, dim1=2, dim2=3).mean(dim=2)
+    return torch.diagonal(block, dim1=2, dim2=3).sum(dim=2)
 
 
 def _call(model: nn.Module, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +173,8 @@ def _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs) -> torch.T
                 mirror = blocks[j, i].transpose(0, 1)
                 blocks[i, j] = mirror if outputs == "mean" else mirror.transpose(2, 3)
             else:
-                blocks[i, j] = contract(parts1, column_parts(j))
+                parts2 = parts1 if t2 is None and j == i else column_parts(j)
+                blocks[i, j] = contract(parts1, parts2)
     return _assemble(blocks, t1.shape[0], second.shape[0], batch_size)
 
 
@@ -185,11 +188,10 @@ def _contract_jacobians(jac1: dict, jac2: dict, outputs: str) -> torch.Tensor:
 
 def _jacobian_contraction(model, t1, t2, params, buffers, batch_size, outputs):
     """Per-example Jacobians contracted over the parameters: ``(N1, N2, O, O)``, or only
-    the mean of the diagonal blocks ``(N1, N2)`` for ``outputs="mean"``."""
+    the sum of the diagonal blocks ``(N1, N2)`` for ``outputs="mean"``."""
 
     def contract(jac1, jac2):
-        block = _contract_jacobians(jac1, jac2, outputs)
-        return block / next(iter(jac1.values())).shape[1] if outputs == "mean" else block
+        return _contract_jacobians(jac1, jac2, outputs)
 
     return _pairwise_blocks(t1, t2, batch_size,
                             lambda x: _jacobians(model, x, params, buffers), contract, outputs)
@@ -232,7 +234,7 @@ def estimated_costs(
     forward = total - parameter_count(layer_parameters(layers)) + sum(
         layer.channels * layer.features * layer.positions for layer in layers)
     examples, pairs = n1 + (n2 or 0), n1 * (n2 or n1)
-    k = n_out if outputs == "mean" else n_out * n_out
+    k = output_pairs(outputs, n_out)
     reverse = 3 * examples * n_out * forward
     costs = {
         "jacobian": reverse + pairs * k * total,
@@ -260,9 +262,6 @@ def _structured_contraction(model, t1, t2, params, buffers, batch_size, outputs,
         for layer in layers:
             block = block + layer_ntk(layer, layer_parts1[layer.name],
                                       layer_parts2[layer.name], outputs)
-        if outputs == "mean":
-            n_out = next(iter(layer_parts1.values()))[0].shape[1]
-            block = block / n_out
         return block
 
     return _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs)
@@ -350,7 +349,10 @@ def empirical_ntk(
     arguments = (model, t1, t2, params, buffers, batch_size, outputs)
     with torch.no_grad():
         if implementation == "structured" and factored:
-            return _structured_contraction(*arguments, factored)
-        if implementation == "ntk_vector":
-            return _ntk_vector_products(*arguments)
-        return _jacobian_contraction(*arguments)
+            kernel = _structured_contraction(*arguments, factored)
+        elif implementation == "ntk_vector":
+            kernel = _ntk_vector_products(*arguments)
+        else:
+            kernel = _jacobian_contraction(*arguments)
+    # "mean": every implementation sums the O diagonal blocks; divide once here.
+    return kernel / n_out if outputs == "mean" else kernel

@@ -225,10 +225,15 @@ def is_factored(layer: AffineLayer, output_pairs: int) -> bool:
     return factored <= jacobian
 
 
+def output_pairs(outputs: str, n_out: int) -> int:
+    """Pairs of outputs an NTK keeps: ``O`` (the diagonal, ``mean``) or ``O^2`` (``full``)."""
+    return n_out if outputs == "mean" else n_out * n_out
+
+
 def factored_layers(layers: list[AffineLayer], outputs: str, n_out: int) -> list[AffineLayer]:
     """The layers cheaper in the factored form; the others stay with the Jacobian."""
-    output_pairs = n_out if outputs == "mean" else n_out * n_out
-    return [layer for layer in layers if is_factored(layer, output_pairs)]
+    pairs = output_pairs(outputs, n_out)
+    return [layer for layer in layers if is_factored(layer, pairs)]
 
 
 def layer_ntk(layer: AffineLayer, part1, part2, outputs: str) -> torch.Tensor:
