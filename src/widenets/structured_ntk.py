@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, vmap
 
-from .layers.conv import FiniteConv, window_paddings
+from .layers.conv import FiniteConv
 from .layers.dense import FiniteLinear, WeightedModule
-from .spatial import pad_images
 
 _TORCH_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -90,7 +89,7 @@ class AffineLayer:
             return s * flat.transpose(1, 2)
         module = self.module
         if isinstance(module, FiniteConv):
-            padded = pad_images(x, window_paddings(module.layer, tuple(x.shape[2:])))
+            padded = module.pad(x)
             stride, dilation = module.layer.stride, (1,) * module.layer.ndim
         else:
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode

@@ -156,10 +156,13 @@ class FiniteConv(WeightedModule):
                 f"{name} expects inputs (N, {self.in_channels}, ...) with "
                 f"{self.layer.ndim} spatial axes, got shape {tuple(x.shape)}"
             )
-        x = pad_images(x, window_paddings(self.layer, tuple(x.shape[2:])))
         convolve = _CONVOLUTIONS[self.layer.ndim]
-        return convolve(x, self.weight_scale * self.weight, self.scaled_bias(),
+        return convolve(self.pad(x), self.weight_scale * self.weight, self.scaled_bias(),
                         stride=self.layer.stride)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(N, C, *S)`` padded as the kernel rule pads them (before the filter)."""
+        return pad_images(x, window_paddings(self.layer, tuple(x.shape[2:])))
 
     def extra_repr(self) -> str:
         return repr(self.layer)
