@@ -275,3 +275,20 @@ def test_trained_finite_twins_match_the_ensemble():
                                          .flatten()]).max())
     assert errors[256] < 4.5
     assert errors[8] > errors[256]
+
+
+def test_ensemble_computes_the_training_kernels_once(data, monkeypatch):
+    """An architecture's NTK comes with its NNGP: the covariance needs no second call."""
+    x_train, x_test, y = data
+    calls = []
+    original = type(NET).kernel
+
+    def spy(self, x1, x2=None, get="ntk", **kwargs):
+        calls.append((x1.shape[0], x2 is None))
+        return original(self, x1, x2, get, **kwargs)
+
+    monkeypatch.setattr(type(NET), "kernel", spy)
+    predict = wn.predict.gradient_descent_mse_ensemble(NET, x_train, y)
+    for t in (1.0, None):
+        predict(x_test, t=t, get="ntk")
+    assert calls.count((12, True)) == 1

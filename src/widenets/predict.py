@@ -84,8 +84,12 @@ class _Kernels:
         return {name: value.to(torch.float64) for name, value in values.items()}
 
     def train(self, x_train: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
-        """``K(X, X)`` for each name, symmetrised, computed once."""
+        """``K(X, X)`` for each name, symmetrised, computed once. An architecture's NTK
+        comes with its NNGP at no extra cost, so both are kept (an ensemble's
+        covariance needs the NNGP beside the NTK)."""
         missing = tuple(name for name in names if name not in self.training)
+        if self.net is not None and "ntk" in missing and "nngp" not in self.training:
+            missing = tuple(dict.fromkeys((*missing, "nngp")))
         if missing:
             for name, value in self(x_train, None, missing).items():
                 self.training[name] = 0.5 * (value + value.T)
