@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .experiments import relative_distance, twin_seed
 from .layers import AvgPool2d, Conv2d, GlobalAvgPool, Linear, ReLU, Sequential
 from .layers.base import Layer
 from .plot import expected_losses, plot_expected_losses
@@ -210,12 +211,6 @@ def accuracy(outputs: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
     """Fraction of rows whose largest output is at the true label."""
     predicted = np.asarray(torch.as_tensor(outputs).argmax(dim=1))
     return float(np.mean(predicted == labels))
-
-
-def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` (Frobenius norms, float64)."""
-    a, b = a.to(torch.float64), b.to(torch.float64)
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
 class KernelCache:
@@ -432,11 +427,6 @@ def infinite_predictions(
     return results
 
 
-def _twin_seed(seed: int, width: int) -> int:
-    """A distinct, reproducible seed for the twin of ``width`` under the demo seed."""
-    return int(np.random.SeedSequence([seed, width]).generate_state(1)[0])
-
-
 def train_twin(
     width: int,
     data: DigitsData,
@@ -463,7 +453,7 @@ def train_twin(
     and the seconds spent.
     """
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(_twin_seed(seed, width))
+    generator = torch.Generator().manual_seed(twin_seed(seed, width))
     model = architecture(width).build((data.x_train.shape[1],), generator, dtype=dtype)
     x_train = torch.as_tensor(data.x_train, dtype=dtype)
     x_test = torch.as_tensor(data.x_test, dtype=dtype)

@@ -269,7 +269,7 @@ def _check_readout(description: Layer, outputs: int, width: int) -> None:
         )
 
 
-def _twin_seed(seed: int, width: int) -> int:
+def twin_seed(seed: int, width: int) -> int:
     """A distinct, reproducible seed for the twin of ``width`` under ``seed``."""
     return int(np.random.SeedSequence([seed, width]).generate_state(1)[0])
 
@@ -288,8 +288,8 @@ def log_log_slope(widths: Sequence[int], values: Sequence[float]) -> float | Non
     return float(slope)
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` over all entries, in float64."""
+def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` over all entries (Frobenius norms), in float64."""
     a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
     return float(torch.linalg.norm((a - b).flatten()) / torch.linalg.norm(b.flatten()))
 
@@ -315,7 +315,7 @@ def _train_width(
 ) -> WidthRecord:
     """Train the twin of ``width`` and its linearization; see :func:`lazy_training`."""
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(_twin_seed(seed, width))
+    generator = torch.Generator().manual_seed(twin_seed(seed, width))
     model = description.build(tuple(x.shape[1:]), generator, dtype=dtype)
     lin = linearize(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -329,7 +329,7 @@ def _train_width(
     record = WidthRecord(
         width=width, n_params=int(w0.numel()), recorded_steps=list(recorded), losses=[],
         linear_losses=[], weight_changes=[], ntk_changes=[], linearization_distances=[],
-        ntk_init_distance=_relative(ntk0_mean, k_inf), seconds=0.0,
+        ntk_init_distance=relative_distance(ntk0_mean, k_inf), seconds=0.0,
     )
     if outputs != y.shape[1]:
         raise ValueError(f"the twin of width {width} has {outputs} outputs but y has "
@@ -361,8 +361,8 @@ def _train_width(
                 wt = _flat(params)
                 record.weight_changes.append(float(torch.linalg.norm(wt - w0)) / w0_norm)
                 ntk = ntk0 if t == 0 else empirical_ntk(model, x_ntk, outputs="full")
-                record.ntk_changes.append(_relative(ntk, ntk0) if t else 0.0)
-                record.linearization_distances.append(_relative(f, f_lin))
+                record.ntk_changes.append(relative_distance(ntk, ntk0) if t else 0.0)
+                record.linearization_distances.append(relative_distance(f, f_lin))
             if t == steps:
                 break
             grads = torch.autograd.grad(loss, params)
