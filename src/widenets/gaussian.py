@@ -98,22 +98,37 @@ def rectified_monomial_moments(order: int, q1: Tensor, q2: Tensor, rho: Tensor) 
     return (q1 * q2) ** (order / 2) * angular
 
 
-def ab_relu_moments(a: float, b: float, q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
-    r"""``E[phi(u) phi(v)]`` for ``phi(x) = a min(x, 0) + b max(x, 0)``.
+def ab_relu_maps(
+    a: float, b: float, q1: Tensor, q2: Tensor, rho: Tensor, with_derivative: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    r"""Both maps of ``phi(x) = a min(x, 0) + b max(x, 0)``, sharing one ``arccos``.
 
-    Writing ``phi = b relu(x) - a relu(-x)`` and using the arc-cosine kernel of
-    order 1 for each of the four terms:
-    ``sqrt(q1 q2) [(a - b)^2 (sin(theta) + (pi - theta) rho) / (2 pi) + a b rho]``.
-    Covers ReLU (a=0, b=1), LeakyReLU (a=slope, b=1) and Abs (a=-1, b=1).
+    Writing ``phi = b relu(x) - a relu(-x)`` and using the arc-cosine kernel of order 1
+    (Cho & Saul 2009) for each of the four terms, with ``theta = arccos(rho)``::
+
+        E[phi(u) phi(v)]   = sqrt(q1 q2) [(a - b)^2 (sin(theta) + (pi - theta) rho) / (2 pi)
+                                          + a b rho]
+        E[phi'(u) phi'(v)] = (a - b)^2 (pi - theta) / (2 pi) + a b
+
+    Covers ReLU (a=0, b=1), LeakyReLU (a=slope, b=1) and Abs (a=-1, b=1). ``rho`` has
+    the broadcast shape of all arguments and is not changed; the results are fresh
+    tensors (the derivative map ``None`` unless ``with_derivative``). Computed in a few
+    in-place passes: ``pi - theta = arccos(-rho)`` (accurate near ``rho = -1``, where
+    the maps vanish) and ``sin(theta) = sin(pi - theta)``.
     """
-    theta = torch.arccos(rho)
-    angular = (a - b) ** 2 * (_sin_angle(rho) + (math.pi - theta) * rho) / (2 * math.pi)
-    return torch.sqrt(q1 * q2) * (angular + a * b * rho)
-
-
-def ab_relu_derivative_moments(a: float, b: float, rho: Tensor) -> Tensor:
-    r"""``E[phi'(u) phi'(v)] = (a - b)^2 (pi - theta) / (2 pi) + a b`` for the ABReLU ``phi``."""
-    return (a - b) ** 2 * (math.pi - torch.arccos(rho)) / (2 * math.pi) + a * b
+    angle_from_pi = torch.neg(rho).arccos_()  # pi - theta
+    scale = (a - b) ** 2 / (2 * math.pi)
+    moments = torch.sin(angle_from_pi).addcmul_(angle_from_pi, rho)
+    if a * b == 0:
+        moments.mul_(torch.sqrt(q1) * scale).mul_(torch.sqrt(q2))
+    else:
+        moments.mul_(scale).add_(rho, alpha=a * b).mul_(torch.sqrt(q1)).mul_(torch.sqrt(q2))
+    if not with_derivative:
+        return moments, None
+    derivative = angle_from_pi.mul_(scale)
+    if a * b != 0:
+        derivative.add_(a * b)
+    return moments, derivative
 
 
 def sign_moments(rho: Tensor) -> Tensor:
@@ -121,25 +136,30 @@ def sign_moments(rho: Tensor) -> Tensor:
     return (2 / math.pi) * torch.arcsin(rho)
 
 
-def erf_moments(b: float, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
-    r"""``E[erf(b u) erf(b v)] = (2/pi) arcsin(2 b^2 c / sqrt((1 + 2 b^2 q1)(1 + 2 b^2 q2)))``.
+def erf_maps(
+    b: float, q1: Tensor, q2: Tensor, c: Tensor, with_derivative: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    r"""Both maps of ``erf(b x)`` (Williams 1997, "Computing with infinite networks").
 
-    Williams 1997, "Computing with infinite networks".
+    With ``s = 2 b^2`` and ``d_i = 1 + s q_i``::
+
+        E[erf(b u) erf(b v)]   = (2 / pi) arcsin(s c / sqrt(d1 d2))
+        E[erf'(b u) erf'(b v)] = (2 s / pi) / sqrt(d1 d2 - s^2 c^2)
+
+    the second because ``d/dx erf(b x) = (2 b / sqrt(pi)) exp(-b^2 x^2)`` and
+    ``E[exp(-b^2 (u^2 + v^2))] = det(I + 2 b^2 Sigma)^{-1/2}``. The determinant is
+    ``>= 1`` for a covariance and is clipped there against rounding. ``c`` has the
+    broadcast shape of all arguments and is not changed; the results are fresh tensors
+    (the derivative map ``None`` unless ``with_derivative``).
     """
     s = 2 * b * b
-    arg = s * c / torch.sqrt((1 + s * q1) * (1 + s * q2))
-    return (2 / math.pi) * torch.arcsin(arg.clamp(-1.0, 1.0))
-
-
-def erf_derivative_moments(b: float, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
-    r"""``E[erf'(b u) erf'(b v)]`` with ``d/dx erf(b x) = (2 b / sqrt(pi)) exp(-b^2 x^2)``.
-
-    ``E[exp(-b^2 (u^2 + v^2))] = det(I + 2 b^2 Sigma)^{-1/2}``, so the result is
-    ``(4 b^2 / pi) / sqrt((1 + 2 b^2 q1)(1 + 2 b^2 q2) - 4 b^4 c^2)``.
-    """
-    s = 2 * b * b
-    det = (1 + s * q1) * (1 + s * q2) - s * s * c * c
-    return (2 * s / math.pi) / torch.sqrt(det.clamp_min(1.0))
+    d1, d2 = 1 + s * q1, 1 + s * q2
+    arg = torch.mul(c, s * torch.rsqrt(d1)).mul_(torch.rsqrt(d2)).clamp_(-1.0, 1.0)
+    moments = arg.arcsin_().mul_(2 / math.pi)
+    if not with_derivative:
+        return moments, None
+    derivative = torch.addcmul(d1 * d2, c, c, value=-s * s).clamp_min_(1.0).rsqrt_()
+    return moments, derivative.mul_(2 * s / math.pi)
 
 
 def sin_moments(b: float, phase: float, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:

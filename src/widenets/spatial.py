@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .paths import fast_paths_enabled
+
 PADDINGS = ("valid", "same", "circular")
 
 
@@ -92,3 +94,38 @@ def window_mean(
     for offset in range(1, window):
         total += _window_slice(t, dims, offset, stride, out)
     return total / window
+
+
+def padded_window_mean(
+    t: torch.Tensor, dims: tuple[int, ...], window: int, stride: int, pad: AxisPadding
+) -> torch.Tensor:
+    """:func:`window_mean` of ``t`` padded along each of ``dims`` by ``pad``.
+
+    The fast path (zero padding) never builds the padded tensor: for each offset it adds
+    the slice of ``t`` that meets real pixels into the matching slice of the output,
+    since padded zeros add nothing. Circular padding, and the straightforward path, pad
+    with :func:`pad_axis` and then take :func:`window_mean`.
+    """
+    if pad.circular or not fast_paths_enabled():
+        for dim in dims:
+            t = pad_axis(t, dim, pad)
+        return window_mean(t, dims, window, stride, pad.out)
+    size = t.shape[dims[0]]
+    shape = list(t.shape)
+    for dim in dims:
+        shape[dim] = pad.out
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    for offset in range(window):
+        # output i reads input stride * i + offset - pad.before, where it lies in [0, size)
+        shift = offset - pad.before
+        first = max(0, -(shift // stride))
+        last = min(pad.out - 1, (size - 1 - shift) // stride)
+        if last < first:
+            continue
+        start = stride * first + shift
+        target, source = [slice(None)] * t.ndim, [slice(None)] * t.ndim
+        for dim in dims:
+            target[dim] = slice(first, last + 1)
+            source[dim] = slice(start, start + stride * (last - first) + 1, stride)
+        out[tuple(target)].add_(t[tuple(source)], alpha=1.0 / window)
+    return out

@@ -22,6 +22,7 @@ from torch import nn
 from .. import gaussian
 from ..inputs import check_finite_number, check_nonnegative, check_positive_int
 from ..kernel import Kernel, batch_diagonal
+from ..paths import fast_paths_enabled
 from .base import KernelState, Layer, Shape, single_kernel
 
 Tensor = torch.Tensor
@@ -45,6 +46,18 @@ class Activation(Layer):
     def derivative_map(self, q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def pair_maps(
+        self, q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor, ntk: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The NNGP map of every pair of entries and the NTK ``ntk * E[phi'(u) phi'(v)]``.
+
+        Returns fresh tensors of the full shape (the first is written into afterwards).
+        This default calls the two maps; activations whose maps share intermediate
+        results override it to compute both in fewer passes.
+        """
+        nngp = self.nngp_map(q1, q2, c, rho).clone()
+        return nngp, None if ntk is None else ntk * self.derivative_map(q1, q2, c, rho)
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
         if not k.is_gaussian:
@@ -57,13 +70,17 @@ class Activation(Layer):
         var1, self_rho = self._self_map(k, k.var1)
         var2 = None if k.var2 is None else self._self_map(k, k.var2)[0]
         q1, q2 = k.pair_variances()
-        rho, c = gaussian.snapped_correlation(q1, q2, k.nngp)
-        if k.symmetric:
-            batch_diagonal(rho).copy_(self_rho)
-        nngp = self.nngp_map(q1, q2, c, rho).clone()
+        if fast_paths_enabled():
+            rho, c = pair_correlation(k, q1, q2, self_rho)
+            nngp, ntk = self.pair_maps(q1, q2, c, rho, k.ntk)
+        else:  # the straightforward path
+            rho, c = gaussian.snapped_correlation(q1, q2, k.nngp)
+            if k.symmetric:
+                batch_diagonal(rho).copy_(self_rho)
+            nngp = self.nngp_map(q1, q2, c, rho).clone()
+            ntk = None if k.ntk is None else k.ntk * self.derivative_map(q1, q2, c, rho)
         if k.symmetric:
             batch_diagonal(nngp).copy_(var1)
-        ntk = None if k.ntk is None else k.ntk * self.derivative_map(q1, q2, c, rho)
         return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, is_gaussian=False)
 
     def _self_map(self, k: Kernel, var: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,6 +98,38 @@ class Activation(Layer):
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
         return ActivationModule(self), input_shape
+
+
+def pair_correlation(
+    k: Kernel, q1: Tensor, q2: Tensor, self_rho: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``gaussian.snapped_correlation(q1, q2, k.nngp)`` in fewer passes (the fast path).
+
+    The inverse standard deviations are taken of the per-example variances (``q1``,
+    ``q2`` broadcast against ``k.nngp``), so the correlation costs two multiplications
+    and a clip; the snapping to +-1, which needs a pass of its own for a mask, runs only
+    when the extreme correlations say some entry is that close. On the batch diagonal
+    of a symmetric kernel the correlations are ``self_rho`` (exactly 1 at equal positions).
+    """
+    rho = torch.mul(k.nngp, _inverse_sqrt(q1)).mul_(_inverse_sqrt(q2)).clamp_(-1.0, 1.0)
+    if k.symmetric:
+        batch_diagonal(rho).zero_()
+    c = k.nngp
+    if rho.numel():
+        tolerance = 16 * torch.finfo(rho.dtype).eps
+        low, high = torch.aminmax(rho)
+        if bool((1.0 - high <= tolerance) | (1.0 + low <= tolerance)):
+            snap = (1.0 - rho.abs()) <= tolerance
+            rho = torch.where(snap, torch.sign(rho), rho)
+            c = torch.where(snap, rho * torch.sqrt(q1 * q2), c)
+    if k.symmetric:
+        batch_diagonal(rho).copy_(self_rho)
+    return rho, c
+
+
+def _inverse_sqrt(q: Tensor) -> Tensor:
+    """``1 / sqrt(q)``, and 0 where the variance ``q`` is 0 (the correlation is then 0)."""
+    return torch.where(q > 0, torch.rsqrt(q), torch.zeros_like(q))
 
 
 class ActivationModule(nn.Module):
@@ -108,7 +157,7 @@ class Identity(Activation):
 
 
 class ABReLU(Activation):
-    """``phi(x) = a min(x, 0) + b max(x, 0)``; maps in :func:`gaussian.ab_relu_moments`."""
+    """``phi(x) = a min(x, 0) + b max(x, 0)``; maps in :func:`gaussian.ab_relu_maps`."""
 
     def __init__(self, a: float, b: float) -> None:
         self.a = check_finite_number(a, "a")
@@ -118,10 +167,14 @@ class ABReLU(Activation):
         return torch.where(x > 0, self.b * x, self.a * x)
 
     def nngp_map(self, q1, q2, c, rho):
-        return gaussian.ab_relu_moments(self.a, self.b, q1, q2, rho)
+        return gaussian.ab_relu_maps(self.a, self.b, q1, q2, rho, with_derivative=False)[0]
 
     def derivative_map(self, q1, q2, c, rho):
-        return gaussian.ab_relu_derivative_moments(self.a, self.b, rho)
+        return gaussian.ab_relu_maps(self.a, self.b, q1, q2, rho)[1]
+
+    def pair_maps(self, q1, q2, c, rho, ntk):
+        nngp, derivative = gaussian.ab_relu_maps(self.a, self.b, q1, q2, rho, ntk is not None)
+        return nngp, None if ntk is None else derivative.mul_(ntk)
 
 
 class ReLU(ABReLU):
@@ -214,7 +267,7 @@ class Sign(Activation):
 
 
 class Erf(Activation):
-    """``phi(x) = a erf(b x) + c`` (Williams 1997); maps in :func:`gaussian.erf_moments`."""
+    """``phi(x) = a erf(b x) + c`` (Williams 1997); maps in :func:`gaussian.erf_maps`."""
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         self.a = check_finite_number(a, "a")
@@ -225,11 +278,22 @@ class Erf(Activation):
         return self.a * torch.erf(self.b * x) + self.c
 
     def nngp_map(self, q1, q2, c, rho):
-        # E[erf(b u)] = 0 (odd), so the shift only adds c^2.
-        return self.a**2 * gaussian.erf_moments(self.b, q1, q2, c) + self.c**2
+        return self.pair_maps(q1, q2, c, rho, None)[0]
 
     def derivative_map(self, q1, q2, c, rho):
-        return self.a**2 * gaussian.erf_derivative_moments(self.b, q1, q2, c)
+        return self.a**2 * gaussian.erf_maps(self.b, q1, q2, c)[1]
+
+    def pair_maps(self, q1, q2, c, rho, ntk):
+        nngp, derivative = gaussian.erf_maps(self.b, q1, q2, c, ntk is not None)
+        # E[erf(b u)] = 0 (odd), so the shift only adds c^2.
+        if self.a**2 != 1.0:
+            nngp.mul_(self.a**2)
+        if self.c != 0.0:
+            nngp.add_(self.c**2)
+        if ntk is None:
+            return nngp, None
+        derivative.mul_(ntk)
+        return nngp, derivative if self.a**2 == 1.0 else derivative.mul_(self.a**2)
 
 
 class Sin(Activation):

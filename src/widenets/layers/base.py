@@ -105,7 +105,9 @@ class Layer:
             for name in names:
                 result[name][rows, cols] = block[name]
                 if t2 is None and not diagonal:
-                    result[name][cols, rows] = block[name].T
+                    copy_transposed(block[name], result[name], cols.start, rows.start)
+        for name in names:
+            check_finite_kernel(result[name], name)
         if isinstance(get, str):
             return result[get]
         return Kernels(**result)
@@ -139,17 +141,8 @@ class Layer:
                 "it with Flatten() or GlobalAvgPool() and a Linear read-out"
             )
         block = {"nngp": state.nngp, "ntk": state.ntk}
-        out = {}
-        for name in names:
-            matrix = block[name]
-            if not bool(torch.isfinite(matrix).all()):
-                raise ValueError(
-                    f"the {name.upper()} overflows {matrix.dtype}: the kernel grows beyond "
-                    "the floating-point range through the layers (e.g. a deep network of "
-                    "RectifiedMonomial(n >= 2) or large W_std); reduce W_std or the depth"
-                )
-            out[name] = 0.5 * (matrix + matrix.T) if x2 is None else matrix
-        return out
+        return {name: 0.5 * (block[name] + block[name].T) if x2 is None else block[name]
+                for name in names}
 
     def build(
         self,
@@ -212,6 +205,31 @@ def _tiles(n1: int, n2: int, symmetric: bool, pairs: int) -> list[tuple[slice, s
     if symmetric:
         return [(r, c) for i, r in enumerate(rows) for c in cols[i:]]
     return [(r, c) for r in rows for c in cols]
+
+
+#: Side of the blocks in which a tile is copied transposed (cache-friendly).
+TRANSPOSE_BLOCK = 256
+
+
+def copy_transposed(value, out, r0: int, c0: int) -> None:
+    """``out[r0:, c0:]`` (the size of ``value.T``) ``= value.T`` for tensors or NumPy
+    arrays, block by block: a transposed copy of a large array in one go strides through
+    memory."""
+    rows, cols = value.shape
+    for i in range(0, rows, TRANSPOSE_BLOCK):
+        for j in range(0, cols, TRANSPOSE_BLOCK):
+            block = value[i : i + TRANSPOSE_BLOCK, j : j + TRANSPOSE_BLOCK]
+            out[r0 + j : r0 + j + block.shape[1], c0 + i : c0 + i + block.shape[0]] = block.T
+
+
+def check_finite_kernel(matrix: torch.Tensor, name: str) -> None:
+    """Raise a ``ValueError`` if the kernel ``name`` has an infinite or NaN entry."""
+    if matrix.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(matrix))).all()):
+        raise ValueError(
+            f"the {name.upper()} overflows {matrix.dtype}: the kernel grows beyond "
+            "the floating-point range through the layers (e.g. a deep network of "
+            "RectifiedMonomial(n >= 2) or large W_std); reduce W_std or the depth"
+        )
 
 
 def standard_normal(

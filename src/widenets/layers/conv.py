@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernel import Layout
-from ..spatial import PADDINGS, AxisPadding, pad_axis, pad_images, padding, window_mean
+from ..spatial import PADDINGS, AxisPadding, pad_images, padded_window_mean, padding
 from .base import KernelState, Layer, Shape, single_kernel, single_shape
 from .dense import WeightedLayer, WeightedModule
 
@@ -91,11 +91,8 @@ class Conv(WeightedLayer):
 
         def filter_mean(moment: torch.Tensor) -> torch.Tensor:
             for dim, pad in enumerate(pads):
-                axes = k.layout.axes(dim)
-                for axis in axes:
-                    moment = pad_axis(moment, axis, pad)
-                moment = window_mean(moment, axes, self.kernel_size[dim], self.stride[dim],
-                                     pad.out)
+                moment = padded_window_mean(moment, k.layout.axes(dim), self.kernel_size[dim],
+                                            self.stride[dim], pad)
             return moment
 
         averaged = k.map_linear(filter_mean).replace(

@@ -55,11 +55,11 @@ class WeightedLayer(Layer):
     def affine_rule(self, averaged: Kernel, fan_in: int) -> Kernel:
         """The output kernel from the input kernel ``averaged`` over one unit's inputs."""
         w2, b2 = self.W_std**2, (self.b_std or 0.0) ** 2
-        out = averaged.map_moments(lambda m: w2 * m + b2)
+        out = averaged.map_moments(lambda m: torch.mul(m, w2).add_(b2))
         ntk = averaged.ntk
         if ntk is not None:
             if self.parameterization == "ntk":
-                ntk = w2 * ntk + out.nngp
+                ntk = torch.add(out.nngp, ntk, alpha=w2)
             else:
                 ntk = fan_in * averaged.nngp + (1.0 if self.b_std else 0.0) + w2 * ntk
         return out.replace(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernel import DENSE, Kernel, Layout
-from ..spatial import pad_axis, pad_images, window_mean
+from ..spatial import pad_images, padded_window_mean
 from .base import KernelState, Layer, Shape, single_kernel, single_shape
 from .conv import check_padding, check_window, window_paddings
 
@@ -60,9 +60,8 @@ class AvgPool(Layer):
         def pool(moment: torch.Tensor) -> torch.Tensor:
             for dim, pad in enumerate(pads):
                 for axis in k.layout.axes(dim):
-                    moment = pad_axis(moment, axis, pad)
-                    moment = window_mean(moment, (axis,), self.kernel_size[dim],
-                                         self.stride[dim], pad.out)
+                    moment = padded_window_mean(moment, (axis,), self.kernel_size[dim],
+                                                self.stride[dim], pad)
             return moment
 
         return k.map_linear(pool).replace(layout=Layout(tuple(p.out for p in pads), True))
