@@ -8,6 +8,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from ..heap import keep_freed_temporaries
 from ..inputs import as_input_pair, parse_get
 from ..kernel import Kernel, Kernels, Layout
 
@@ -84,6 +85,7 @@ class Layer:
         """
         names = parse_get(get)
         t1, t2 = as_input_pair(x1, x2)
+        keep_freed_temporaries()
         if t1.ndim > 5:
             raise ValueError(
                 "x1 must be (N, features), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got "

@@ -1,0 +1,133 @@
+"""Time widenets' analytic kernels on the named workloads (``workloads.py``, issue 7).
+
+Each workload runs in a fresh process (a worker, see ``serve.py``), which reports:
+the import time of widenets; the first call (nothing computed before it in that
+process); the steady state (best of ``--repeats`` further calls); the peak resident
+memory of the process and its increase over the memory just before the first call.
+``--float32`` also times each workload on float32 inputs and prints the largest
+deviation from float64 relative to the largest entry, per kernel.
+
+    python benchmarks/bench_speed.py [--repeats 3] [--workloads fc-relu-3,cnn-gap] [--float32]
+    python benchmarks/bench_speed.py --serve      # a worker (used by bench_peer.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+_start = time.perf_counter()
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import widenets  # noqa: E402,F401
+
+IMPORT_SECONDS = time.perf_counter() - _start
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve import serve  # noqa: E402
+from workloads import WORKLOADS, describe, inputs, widenets_net  # noqa: E402
+
+
+def prepare(name: str, dtype: str):
+    """A call computing workload ``name`` with widenets, inputs in ``dtype``."""
+    x = torch.from_numpy(inputs(name)).to(getattr(torch, dtype))
+    net = widenets_net(name)
+
+    def call() -> dict[str, np.ndarray]:
+        kernels = net.kernel(x, None, get=("nngp", "ntk"))
+        return {"nngp": kernels.nngp.numpy(), "ntk": kernels.ntk.numpy()}
+
+    return call
+
+
+class Worker:
+    """A benchmark worker process answering ``serve.py``'s commands."""
+
+    def __init__(self, command: list[str]) -> None:
+        import subprocess
+
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self.import_seconds = self._read()["ready"]
+
+    def _read(self) -> dict:
+        import json
+
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.process.args} ended unexpectedly")
+        return json.loads(line)
+
+    def ask(self, *words: str) -> dict:
+        self.process.stdin.write(" ".join(words) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.process.stdin.write("quit\n")
+        self.process.stdin.flush()
+        self.process.wait()
+
+
+def our_worker() -> Worker:
+    return Worker([sys.executable, os.path.abspath(__file__), "--serve"])
+
+
+def relative_errors(directory: str, name: str, reference: str) -> dict[str, float]:
+    """``max |K - K_ref| / max |K_ref|`` per kernel, from files saved by two workers."""
+    errors = {}
+    for kernel in ("nngp", "ntk"):
+        value = np.load(os.path.join(directory, "a", f"{name}.{kernel}.npy"))
+        ref = np.load(os.path.join(directory, reference, f"{name}.{kernel}.npy"))
+        errors[kernel] = float(np.abs(value - ref).max() / np.abs(ref).max())
+    return errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--float32", action="store_true")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(prepare, IMPORT_SECONDS)
+        return
+    print(f"widenets {widenets.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, float64, x2=None, NNGP + NTK")
+    header = (f"{'workload':<12} {'steady (s)':>10} {'first (s)':>9} {'first-steady':>12} "
+              f"{'import (s)':>10} {'peak (MiB)':>10} {'increase':>9}")
+    if args.float32:
+        header += f" {'float32 (s)':>11} {'f32 err nngp':>12} {'f32 err ntk':>11}"
+    print(header)
+    for name in args.workloads.split(","):
+        worker = our_worker()
+        first = worker.ask("first", name)
+        steady = min(worker.ask("time", name)["seconds"] for _ in range(args.repeats))
+        peak = worker.ask("memory")["peak_mib"]
+        line = (f"{name:<12} {steady:>10.3f} {first['seconds']:>9.3f} "
+                f"{first['seconds'] - steady:>12.3f} {worker.import_seconds:>10.2f} "
+                f"{peak:>10.0f} {peak - first['baseline_mib']:>9.0f}")
+        if args.float32:
+            worker.ask("first", name, "float32")
+            single = min(worker.ask("time", name, "float32")["seconds"]
+                         for _ in range(args.repeats))
+            with tempfile.TemporaryDirectory() as directory:
+                for sub, dtype in (("a", "float32"), ("b", "float64")):
+                    os.mkdir(os.path.join(directory, sub))
+                    worker.ask("save", name, os.path.join(directory, sub), dtype)
+                errors = relative_errors(directory, name, "b")
+            line += f" {single:>11.3f} {errors['nngp']:>12.1e} {errors['ntk']:>11.1e}"
+        worker.close()
+        print(line, flush=True)
+    print()
+    for name in args.workloads.split(","):
+        print(f"{name:<12} {describe(name)}")
+
+
+if __name__ == "__main__":
+    main()
