@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .inputs import as_input_pair, parse_get
 from .kernel import Kernels
-from .layers.base import Layer, copy_transposed
+from .layers.base import Layer
 
 #: Bytes per kernel entry of one tile's working set, per position pair: the moment
 #: tensors a layer holds at once (input and output NNGP, NTK, variances, temporaries).
@@ -253,6 +253,21 @@ def _results(net, x1, x2, todo: list[Tile], names, client) -> Iterator[tuple[Til
     for future in as_completed(futures):
         yield futures[future], future.result()
         future.release()
+
+
+#: Side of the blocks in which a tile is copied transposed (cache-friendly).
+TRANSPOSE_BLOCK = 256
+
+
+def copy_transposed(value, out, r0: int, c0: int) -> None:
+    """``out[r0:, c0:]`` (the size of ``value.T``) ``= value.T`` for tensors or NumPy
+    arrays, block by block: a transposed copy of a large array in one go strides through
+    memory."""
+    rows, cols = value.shape
+    for i in range(0, rows, TRANSPOSE_BLOCK):
+        for j in range(0, cols, TRANSPOSE_BLOCK):
+            block = value[i : i + TRANSPOSE_BLOCK, j : j + TRANSPOSE_BLOCK]
+            out[r0 + j : r0 + j + block.shape[1], c0 + i : c0 + i + block.shape[0]] = block.T
 
 
 def stored_tile_sizes(path: str | os.PathLike) -> tuple[int, int] | None:

@@ -71,7 +71,8 @@ class Activation(Layer):
         var2 = None if k.var2 is None else self._self_map(k, k.var2)[0]
         q1, q2 = k.pair_variances()
         if fast_paths_enabled():
-            rho, c = pair_correlation(k, q1, q2, self_rho)
+            known = batch_diagonal if k.symmetric else None
+            rho, c = fast_correlation(k.nngp, q1, q2, known, self_rho)
             nngp, ntk = self.pair_maps(q1, q2, c, rho, k.ntk)
         else:  # the straightforward path
             rho, c = gaussian.snapped_correlation(q1, q2, k.nngp)
@@ -90,6 +91,9 @@ class Activation(Layer):
             rho = torch.ones_like(var)
             return self.nngp_map(var, var, var, rho).clone(), rho
         q1, q2 = k.self_variances(var)
+        if fast_paths_enabled():
+            rho, c = fast_correlation(var, q1, q2, k.layout.positions, 1.0)
+            return self.pair_maps(q1, q2, c, rho, None)[0], rho
         rho, c = gaussian.snapped_correlation(q1, q2, var)
         k.layout.positions(rho).fill_(1.0)
         return self.nngp_map(q1, q2, c, rho).clone(), rho
@@ -100,21 +104,27 @@ class Activation(Layer):
         return ActivationModule(self), input_shape
 
 
-def pair_correlation(
-    k: Kernel, q1: Tensor, q2: Tensor, self_rho: Tensor
+def fast_correlation(
+    moments: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    known: Callable[[Tensor], Tensor] | None,
+    known_rho: Tensor | float,
 ) -> tuple[Tensor, Tensor]:
-    """``gaussian.snapped_correlation(q1, q2, k.nngp)`` in fewer passes (the fast path).
+    """``gaussian.snapped_correlation(q1, q2, moments)`` in fewer passes (the fast path).
 
-    The inverse standard deviations are taken of the per-example variances (``q1``,
-    ``q2`` broadcast against ``k.nngp``), so the correlation costs two multiplications
-    and a clip; the snapping to +-1, which needs a pass of its own for a mask, runs only
-    when the extreme correlations say some entry is that close. On the batch diagonal
-    of a symmetric kernel the correlations are ``self_rho`` (exactly 1 at equal positions).
+    The inverse standard deviations are taken of the variances ``q1``, ``q2`` (per
+    example and position, broadcast against ``moments``), so the correlation costs two
+    multiplications and a clip; the snapping to +-1, which needs a pass of its own for a
+    mask, runs only when the extreme correlations say some entry is that close. The
+    entries in the view ``known(rho)`` (the batch diagonal of a symmetric kernel, or the
+    equal positions of a self-covariance) are left out of that test and set to
+    ``known_rho`` (exactly 1 at equal positions).
     """
-    rho = torch.mul(k.nngp, _inverse_sqrt(q1)).mul_(_inverse_sqrt(q2)).clamp_(-1.0, 1.0)
-    if k.symmetric:
-        batch_diagonal(rho).zero_()
-    c = k.nngp
+    rho = torch.mul(moments, _inverse_sqrt(q1)).mul_(_inverse_sqrt(q2)).clamp_(-1.0, 1.0)
+    if known is not None:
+        known(rho).zero_()
+    c = moments
     if rho.numel():
         tolerance = 16 * torch.finfo(rho.dtype).eps
         low, high = torch.aminmax(rho)
@@ -122,8 +132,9 @@ def pair_correlation(
             snap = (1.0 - rho.abs()) <= tolerance
             rho = torch.where(snap, torch.sign(rho), rho)
             c = torch.where(snap, rho * torch.sqrt(q1 * q2), c)
-    if k.symmetric:
-        batch_diagonal(rho).copy_(self_rho)
+    if known is not None:
+        view = known(rho)
+        view.fill_(known_rho) if isinstance(known_rho, float) else view.copy_(known_rho)
     return rho, c
 
 

@@ -105,11 +105,11 @@ class Layer:
             block = self._kernel_block(t1[rows], None if diagonal else second[cols], names,
                                        paired)
             for name in names:
+                check_finite_kernel(block[name], name)
                 result[name][rows, cols] = block[name]
                 if t2 is None and not diagonal:
-                    copy_transposed(block[name], result[name], cols.start, rows.start)
-        for name in names:
-            check_finite_kernel(result[name], name)
+                    # a contiguous transposed copy takes torch's blocked transpose kernel
+                    result[name][cols, rows] = block[name].T.contiguous()
         if isinstance(get, str):
             return result[get]
         return Kernels(**result)
@@ -189,12 +189,16 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
-#: Pairs of examples in one tile of a dense network: a tile's layers stay in cache.
+#: Pairs of examples in one tile of a dense network (2 MiB per moment in float64; a
+#: layer holds a few such temporaries). Measured on 2 cores (benchmarks/bench_speed.py):
+#: 2^17 to 2^19 within noise of each other, 2^16 and below slower (per-operation
+#: overhead), whole matrices 7 times slower (every pass goes to memory).
 TILE_ENTRIES = 1 << 18
-#: Numbers in one tile's spatial moments (1 MiB in float64; a layer holds a few such
-#: temporaries at once). Measured on 2 cores: 2^17 was 1.2 to 1.7 times faster than
-#: 2^20 or 2^21 (large temporaries go back to the system after each operation).
-SPATIAL_TILE_ENTRIES = 1 << 17
+#: Numbers in one tile's spatial moments (4 MiB in float64). Larger than the dense
+#: tiles because each tile also maps the self-covariances of its images (``var1``,
+#: ``var2``), work that falls as the tile's side grows: measured on 2 cores, 2^19 was
+#: 1.4 times faster than 2^17 on the pooled CNN and as fast on the Flatten CNN.
+SPATIAL_TILE_ENTRIES = 1 << 19
 SPATIAL_CHOICES = ("auto", "full", "diagonal")
 
 
@@ -207,21 +211,6 @@ def _tiles(n1: int, n2: int, symmetric: bool, pairs: int) -> list[tuple[slice, s
     if symmetric:
         return [(r, c) for i, r in enumerate(rows) for c in cols[i:]]
     return [(r, c) for r in rows for c in cols]
-
-
-#: Side of the blocks in which a tile is copied transposed (cache-friendly).
-TRANSPOSE_BLOCK = 256
-
-
-def copy_transposed(value, out, r0: int, c0: int) -> None:
-    """``out[r0:, c0:]`` (the size of ``value.T``) ``= value.T`` for tensors or NumPy
-    arrays, block by block: a transposed copy of a large array in one go strides through
-    memory."""
-    rows, cols = value.shape
-    for i in range(0, rows, TRANSPOSE_BLOCK):
-        for j in range(0, cols, TRANSPOSE_BLOCK):
-            block = value[i : i + TRANSPOSE_BLOCK, j : j + TRANSPOSE_BLOCK]
-            out[r0 + j : r0 + j + block.shape[1], c0 + i : c0 + i + block.shape[0]] = block.T
 
 
 def check_finite_kernel(matrix: torch.Tensor, name: str) -> None:
