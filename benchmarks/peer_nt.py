@@ -17,7 +17,6 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 from neural_tangents import stax  # noqa: E402
-
 from serve import serve  # noqa: E402
 from workloads import B_STD, W_STD, WORKLOADS, inputs  # noqa: E402
 

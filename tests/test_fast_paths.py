@@ -1,0 +1,205 @@
+"""The fast paths of the analytic kernels against the straightforward ones (issue 7).
+
+Fast: fused in-place activation maps (``pair_maps``), correlations snapped only when an
+entry is near +-1 (``fast_correlation``), zero-padded windows summed over slices
+(``padded_window_mean``), tiles with their transposed copies and per-tile checks.
+Straightforward: ``widenets.paths.straightforward()`` (separate maps, a mask for every
+snap, padded copies) and, for the tiles, the whole matrix as one block. They must agree
+to 1e-10 relative in float64 on every layer type, both layouts, ``x2`` given or not,
+inputs that trigger the snapping (duplicates, zeros) and deep networks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tests.conftest import random_inputs
+from tests.test_identities import ACTIVATIONS, mlp
+
+import widenets as wn
+from widenets.layers import base
+from widenets.paths import fast_paths_enabled, straightforward
+from widenets.spatial import pad_axis, padded_window_mean, padding, window_mean
+
+RTOL = 1e-10
+
+
+def assert_paths_agree(net: wn.Layer, x1, x2=None, **kwargs) -> None:
+    fast = net.kernel(x1, x2, get=("nngp", "ntk"), **kwargs)
+    with straightforward():
+        assert not fast_paths_enabled()
+        plain = net.kernel(x1, x2, get=("nngp", "ntk"), **kwargs)
+    assert fast_paths_enabled()
+    for name in ("nngp", "ntk"):
+        scale = plain[name].abs().max().clamp_min(1e-300)
+        error = ((fast[name] - plain[name]).abs() / scale).max().item()
+        assert error <= RTOL, f"{name}: relative difference {error:.2e}"
+
+
+@pytest.mark.parametrize("second", [False, True])
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_every_activation_dense(name, second):
+    x = random_inputs(14, 5, seed=1)
+    x[3] = x[9]  # a duplicate: its correlation is snapped to 1
+    x[5] = 0.0  # a zero input: zero variance before the first bias
+    net = mlp(ACTIVATIONS[name])
+    if second:
+        assert_paths_agree(net, x[:8], x[6:])
+    else:
+        assert_paths_agree(net, x)
+
+
+@pytest.mark.parametrize("name", ["relu", "erf", "abrelu", "gelu", "sin", "step"])
+def test_every_activation_on_images_both_layouts(name):
+    activation = ACTIVATIONS[name]
+    images = torch.randn(5, 2, 5, 4, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(2))
+    images[4] = images[1]
+    pooled = wn.Sequential(wn.Conv2d(4, 3, padding="same", W_std=1.3, b_std=0.1), activation(),
+                           wn.Conv2d(4, 2, padding="valid", W_std=1.2, b_std=0.2), activation(),
+                           wn.GlobalAvgPool(), wn.Linear(1))
+    flat = wn.Sequential(wn.Conv2d(4, 3, padding="same", W_std=1.3, b_std=0.1), activation(),
+                         wn.Flatten(), wn.Linear(1))
+    for net in (pooled, flat):
+        assert_paths_agree(net, images)
+        assert_paths_agree(net, images[:2], images[2:])
+    assert_paths_agree(flat, images, spatial="full")
+
+
+CONV_CASES = list(itertools.product(
+    [1, 2, 3], [(3, 3), (2, 4), (4, 1)], ["valid", "same", "circular"]))
+
+
+@pytest.mark.parametrize("stride,kernel_size,pad", CONV_CASES)
+def test_convolutions_and_pooling(stride, kernel_size, pad):
+    images = torch.randn(4, 3, 7, 6, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(3))
+    net = wn.Sequential(
+        wn.Conv2d(4, kernel_size, stride=stride, padding=pad, W_std=1.4, b_std=0.1), wn.ReLU(),
+        wn.AvgPool2d(2, padding="same" if pad == "valid" else pad),
+        wn.Conv2d(4, 2, padding=pad, W_std=1.1, b_std=0.05), wn.Erf(),
+        wn.GlobalAvgPool(), wn.Linear(2),
+    ) if pad != "valid" or stride == 1 else wn.Sequential(
+        wn.Conv2d(4, kernel_size, stride=stride, padding=pad, W_std=1.4, b_std=0.1), wn.ReLU(),
+        wn.Flatten(), wn.Linear(2),
+    )
+    assert_paths_agree(net, images)
+    assert_paths_agree(net, images[:1], images[1:])
+
+
+def test_one_and_three_dimensional_convolutions_residuals_and_normalisation():
+    sequences = torch.randn(5, 2, 9, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(4))
+    block = wn.Sequential(wn.Conv1d(3, 3, padding="same", W_std=1.2, b_std=0.1), wn.ReLU(),
+                          wn.Conv1d(3, 1, W_std=1.1))
+    net = wn.Sequential(wn.Conv1d(3, 2, stride=2, padding="same", W_std=1.5, b_std=0.1),
+                        wn.LayerNorm(), wn.Erf(), wn.Residual(block),
+                        wn.AvgPool1d(3, stride=2), wn.GlobalAvgPool(), wn.Linear(1))
+    assert_paths_agree(net, sequences)
+    volumes = torch.randn(3, 2, 3, 4, 3, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(5))
+    net3 = wn.Sequential(wn.Conv3d(2, 2, padding="same", W_std=1.3, b_std=0.1), wn.ReLU(),
+                         wn.Conv3d(2, 3, stride=2, padding="circular", W_std=1.3), wn.GELU(),
+                         wn.GlobalAvgPool(), wn.Linear(1))
+    assert_paths_agree(net3, volumes)
+    dense = wn.Sequential(wn.Linear(8, 1.5, 0.1), wn.FanOut(2),
+                          wn.Parallel(wn.Sequential(wn.ReLU(), wn.Linear(8, 1.3)),
+                                      wn.Sequential(wn.Erf(), wn.Linear(8, 1.1, 0.2))),
+                          wn.FanInSum(), wn.Abs(), wn.Linear(1))
+    assert_paths_agree(dense, random_inputs(9, 4, seed=6))
+
+
+@pytest.mark.parametrize("activation", [wn.ReLU, wn.Erf])
+def test_deep_networks_with_duplicate_inputs(activation):
+    """Depth 50 amplifies rounding; the snapping keeps duplicates identical on both paths."""
+    x = random_inputs(8, 6, seed=7)
+    x[6] = x[2]
+    net = mlp(activation, depth=50, b_std=0.05)
+    assert_paths_agree(net, x)
+    k = net.kernel(x, None, get="ntk")
+    assert torch.equal(k[6], k[2])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_tiles_equal_one_block(monkeypatch, symmetric):
+    """Tiles (with transposed copies of the upper ones) against the whole matrix at once."""
+    x = random_inputs(45, 7, seed=8)
+    net = mlp(wn.ReLU, depth=3)
+    x2 = None if symmetric else x[:31]
+    monkeypatch.setattr(base, "TILE_ENTRIES", 64)  # 8 x 8 tiles, awkward last ones
+    tiled = net.kernel(x, x2, get=("nngp", "ntk"))
+    monkeypatch.setattr(base, "TILE_ENTRIES", 1 << 30)
+    whole = net.kernel(x, x2, get=("nngp", "ntk"))
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(tiled[name], whole[name], rtol=RTOL, atol=0)
+        if symmetric:
+            assert torch.equal(tiled[name], tiled[name].T)
+
+
+def test_an_overflow_is_reported_from_any_tile(monkeypatch):
+    monkeypatch.setattr(base, "TILE_ENTRIES", 16)
+    x = random_inputs(20, 3, seed=9)
+    x[17] *= 1e150  # only the last tiles overflow
+    net = wn.Sequential(wn.Linear(4, 2.0), wn.RectifiedMonomial(3), wn.Linear(1))
+    with pytest.raises(ValueError, match="overflows"):
+        net.kernel(x, None, get="nngp")
+
+
+WINDOW_CASES = list(itertools.product([5, 6, 1], [1, 2, 3, 4], [1, 2, 3], ["valid", "same"]))
+
+
+@pytest.mark.parametrize("size,window,stride,mode", WINDOW_CASES)
+def test_window_sums_over_slices_equal_padded_copies(size, window, stride, mode):
+    if mode == "valid" and window > size:
+        return
+    pad = padding(size, window, stride, mode, "test", 0)
+    t = torch.randn(3, size, size, 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(10))
+    for dims in ((1,), (2,), (1, 2)):
+        fast = padded_window_mean(t, dims, window, stride, pad)
+        padded = t
+        for dim in dims:
+            padded = pad_axis(padded, dim, pad)
+        plain = window_mean(padded, dims, window, stride, pad.out)
+        torch.testing.assert_close(fast, plain, rtol=1e-14, atol=1e-15)
+
+
+def test_straightforward_is_per_thread_and_restored_after_errors():
+    with pytest.raises(RuntimeError):
+        with straightforward():
+            raise RuntimeError("inside")
+    assert fast_paths_enabled()
+
+
+def minor_faults_of_second_call(tune: bool) -> int:
+    """Page faults of a repeated kernel call in a fresh process, with or without tuning."""
+    script = textwrap.dedent("""
+        import resource, torch, widenets as wn
+        net = wn.Sequential(wn.Linear(8, 1.5, 0.05), wn.ReLU(), wn.Linear(8, 1.5, 0.05),
+                            wn.ReLU(), wn.Linear(1))
+        x = torch.randn(1500, 20, dtype=torch.float64)
+        net.kernel(x, None, get=("nngp", "ntk"))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        net.kernel(x, None, get=("nngp", "ntk"))
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    env = dict(os.environ, WIDENETS_TUNE_MALLOC="1" if tune else "0")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_freed_temporaries_stay_in_the_heap():
+    """With the tuning, a repeated call faults in little more than its two 18 MB results
+    (about 4400 pages); glibc's defaults give the temporaries back and fault them in
+    again on every tile."""
+    tuned, default = minor_faults_of_second_call(True), minor_faults_of_second_call(False)
+    assert tuned < 8000
+    assert default > 1.5 * tuned
