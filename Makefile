@@ -4,7 +4,10 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+PEER_VENV := .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed
+
+.PHONY: demo test lint bench bench-peer clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +26,21 @@ lint: $(STAMP)
 	$(VPY) -m ruff check src tests benchmarks
 
 bench: $(STAMP)
+	$(VPY) benchmarks/bench_speed.py --float32
 	$(VPY) benchmarks/bench_kernels.py
 	$(VPY) benchmarks/bench_conv.py
 	$(VPY) benchmarks/bench_empirical.py
 	$(VPY) benchmarks/bench_tiles.py
 
+# Neural Tangents in its own environment, for the side-by-side comparison (issue 7).
+$(PEER_STAMP):
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install --quiet neural-tangents==0.6.5 'jax[cpu]==0.4.30'
+	touch $(PEER_STAMP)
+
+bench-peer: $(STAMP) $(PEER_STAMP)
+	$(VPY) benchmarks/bench_peer.py --peer-python $(PEER_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) $(PEER_VENV) demo-output

@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 unless widenets / peer <= 0.5 everywhere")
     args = parser.parse_args()
-    ours, peer = our_worker(), Worker([args.peer_python, PEER_SCRIPT])
+    # TensorFlow, which Neural Tangents imports, logs at start-up unless told not to.
+    ours = our_worker()
+    peer = Worker([args.peer_python, PEER_SCRIPT], env={"TF_CPP_MIN_LOG_LEVEL": "3"})
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; float64, x2=None, NNGP + NTK; steady = best of "
           f"{args.repeats} alternating calls")

@@ -47,11 +47,12 @@ def prepare(name: str, dtype: str):
 class Worker:
     """A benchmark worker process answering ``serve.py``'s commands."""
 
-    def __init__(self, command: list[str]) -> None:
+    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
         import subprocess
 
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, text=True,
+                                        env=None if env is None else {**os.environ, **env})
         self.import_seconds = self._read()["ready"]
 
     def _read(self) -> dict:

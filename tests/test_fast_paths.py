@@ -161,9 +161,11 @@ def test_window_sums_over_slices_equal_padded_copies(size, window, stride, mode)
     pad = padding(size, window, stride, mode, "test", 0)
     t = torch.randn(3, size, size, 2, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(10))
-    for dims in ((1,), (2,), (1, 2)):
-        fast = padded_window_mean(t, dims, window, stride, pad)
-        padded = t
+    trailing = t[..., 0].contiguous()  # the last axes: summed on their flattened view
+    for tensor, dims in ((t, (1,)), (t, (2,)), (t, (1, 2)), (trailing, (2,)),
+                         (trailing, (1, 2)), (trailing, (-2, -1))):
+        fast = padded_window_mean(tensor, dims, window, stride, pad)
+        padded = tensor
         for dim in dims:
             padded = pad_axis(padded, dim, pad)
         plain = window_mean(padded, dims, window, stride, pad.out)
