@@ -50,8 +50,10 @@ class Worker:
     def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
         import subprocess
 
+        # Its standard error is kept aside (a peer's start-up chatter) and shown if it fails.
+        self.errors = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True,
+                                        stdout=subprocess.PIPE, stderr=self.errors, text=True,
                                         env=None if env is None else {**os.environ, **env})
         self.import_seconds = self._read()["ready"]
 
@@ -60,7 +62,9 @@ class Worker:
 
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"benchmark worker {self.process.args} ended unexpectedly")
+            self.errors.seek(0)
+            raise RuntimeError(f"benchmark worker {self.process.args} ended unexpectedly:\n"
+                               + self.errors.read()[-4000:])
         return json.loads(line)
 
     def ask(self, *words: str) -> dict:

@@ -36,8 +36,15 @@ def _restore(values: Tensor, like_vector: bool) -> Tensor:
 
 
 def _cholesky(matrix: Tensor, what: str) -> Tensor:
+    """The Cholesky factor of ``matrix``, refused when it is singular to working precision.
+
+    A duplicated training point makes the kernel singular, but rounding can leave it a
+    pivot of a few ulps instead of a failed factorisation, and solves with such a factor
+    amplify rounding without bound: pivots below ``n eps max(diag)`` count as failure.
+    """
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
+    tiny = matrix.shape[0] * torch.finfo(matrix.dtype).eps * matrix.diagonal().abs().max()
+    if int(info) != 0 or bool((factor.diagonal() ** 2 <= tiny).any()):
         raise ValueError(
             f"the {what} is not positive definite (duplicate training points, or a "
             "kernel of low rank); pass diag_reg > 0, e.g. diag_reg=1e-6 * mean diagonal"
