@@ -17,24 +17,18 @@ Prints the best of ``--repeats`` after a warm-up.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
 import widenets as wn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workloads import inputs, widenets_net  # noqa: E402
 
-def cnn(readout: wn.Layer) -> wn.Sequential:
-    layers = []
-    for _ in range(3):
-        layers += [wn.Conv2d(64, 3, padding="same", W_std=1.5, b_std=0.05), wn.ReLU()]
-    return wn.Sequential(*layers, readout, wn.Linear(1, W_std=1.5, b_std=0.05))
-
-
-WORKLOADS = {
-    "cnn-flatten 400x3x8x8": (lambda: cnn(wn.Flatten()), 400),
-    "cnn-gap 64x3x8x8": (lambda: cnn(wn.GlobalAvgPool()), 64),
-}
+WORKLOADS = ("cnn-flatten", "cnn-gap")
 
 
 def seconds(net: wn.Layer, x: torch.Tensor, spatial: str) -> float:
@@ -49,10 +43,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64")
     print(f"{'workload':<22} {'auto (s)':>9} {'us/pair':>8} {'full (s)':>9} {'auto/full':>10}")
-    for name, (make, n) in WORKLOADS.items():
-        net = make()
-        x = torch.randn(n, 3, 8, 8, dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(0))
+    for name in WORKLOADS:
+        net, x = widenets_net(name), torch.from_numpy(inputs(name))
+        n = x.shape[0]
         seconds(net, x[:8], "auto")  # warm-up
         auto, full = [], []
         for _ in range(args.repeats):

@@ -12,25 +12,18 @@ alternating the two so that drift on a noisy machine cancels. Prints seconds per
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
-import widenets as wn
 from widenets.layers import base
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workloads import inputs, widenets_net  # noqa: E402
 
-def mlp(depth: int, activation) -> wn.Sequential:
-    layers = []
-    for _ in range(depth):
-        layers += [wn.Linear(64, 1.5, 0.05), activation()]
-    return wn.Sequential(*layers, wn.Linear(1, 1.5, 0.05))
-
-
-WORKLOADS = {
-    "relu3 3000x100": (lambda: mlp(3, wn.ReLU), 3000, 100),
-    "erf10 2000x50": (lambda: mlp(10, wn.Erf), 2000, 50),
-}
+WORKLOADS = ("fc-relu-3", "fc-erf-10")
 
 
 def best_time(net, x, repeats: int, tile_entries: int) -> float:
@@ -50,9 +43,9 @@ def main() -> None:
     tiled_entries = base.TILE_ENTRIES
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64")
     print(f"{'workload':<18} {'tiled (s)':>10} {'one block (s)':>14} {'ratio':>7}")
-    for name, (make, n, d) in WORKLOADS.items():
-        net = make()
-        x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for name in WORKLOADS:
+        net, x = widenets_net(name), torch.from_numpy(inputs(name))
+        n = x.shape[0]
         best_time(net, x, 1, tiled_entries)  # warm-up
         tiled, untiled = [], []
         for _ in range(args.repeats):
