@@ -259,10 +259,9 @@ def _results(net, x1, x2, todo: list[Tile], names, client) -> Iterator[tuple[Til
 TRANSPOSE_BLOCK = 256
 
 
-def copy_transposed(value, out, r0: int, c0: int) -> None:
-    """``out[r0:, c0:]`` (the size of ``value.T``) ``= value.T`` for tensors or NumPy
-    arrays, block by block: a transposed copy of a large array in one go strides through
-    memory."""
+def copy_transposed(value: np.ndarray, out: np.ndarray, r0: int, c0: int) -> None:
+    """``out[r0:, c0:]`` (the size of ``value.T``) ``= value.T``, block by block: a
+    transposed copy of a large array in one go strides through memory."""
     rows, cols = value.shape
     for i in range(0, rows, TRANSPOSE_BLOCK):
         for j in range(0, cols, TRANSPOSE_BLOCK):

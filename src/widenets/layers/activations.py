@@ -132,9 +132,10 @@ def fast_correlation(
             snap = (1.0 - rho.abs()) <= tolerance
             rho = torch.where(snap, torch.sign(rho), rho)
             c = torch.where(snap, rho * torch.sqrt(q1 * q2), c)
-    if known is not None:
-        view = known(rho)
-        view.fill_(known_rho) if isinstance(known_rho, float) else view.copy_(known_rho)
+    if known is not None and isinstance(known_rho, float):
+        known(rho).fill_(known_rho)
+    elif known is not None:
+        known(rho).copy_(known_rho)
     return rho, c
 
 

@@ -74,9 +74,9 @@ class Layer:
                 numbers; enough when positions reach the read-out only through
                 ``Flatten``) or ``"auto"``: ``"full"`` exactly when a layer pools.
             dtype: compute in this floating dtype (default: the input tensor's, float64
-                for NumPy input). ``torch.float32`` is about twice as fast on a CPU
-                and keeps about 7 digits: on the benchmark workloads the largest error
-                is 4e-7 of the largest entry (float64 keeps 14 to 16).
+                for NumPy input). ``torch.float32`` is 1.4 to 1.9 times faster on a
+                CPU and keeps about 6 digits: on the benchmark workloads the largest
+                error is 4e-7 of the largest entry (float64 keeps 14 to 16).
 
         Returns:
             An ``(N1, N2)`` tensor for a single name, else :class:`Kernels` with
@@ -201,7 +201,7 @@ class Layer:
 #: Pairs of examples in one tile of a dense network (2 MiB per moment in float64; a
 #: layer holds a few such temporaries). Measured on 2 cores (benchmarks/bench_speed.py):
 #: 2^17 to 2^19 within noise of each other, 2^16 and below slower (per-operation
-#: overhead), whole matrices 7 times slower (every pass goes to memory).
+#: overhead), whole matrices 4 times slower (every pass goes to memory).
 TILE_ENTRIES = 1 << 18
 #: Numbers in one tile's spatial moments (4 MiB in float64). Larger than the dense
 #: tiles because each tile also maps the self-covariances of its images (``var1``,
