@@ -36,9 +36,19 @@ def snapped_correlation(q1: Tensor, q2: Tensor, c: Tensor) -> tuple[Tensor, Tens
     such correlations (within ``16 eps`` of +-1) are snapped to +-1 and ``c`` to
     ``+-sqrt(q1 q2)``: a change within rounding, which keeps identical inputs identical.
     """
-    rho = correlation(q1, q2, c)
-    tolerance = 16 * torch.finfo(rho.dtype).eps
-    snap = (1.0 - rho.abs()) <= tolerance
+    return snap_to_unit(q1, q2, c, correlation(q1, q2, c))
+
+
+def snap_tolerance(dtype: torch.dtype) -> float:
+    """How close to +-1 a correlation is snapped: ``16 eps`` of ``dtype``."""
+    return 16 * torch.finfo(dtype).eps
+
+
+def snap_to_unit(q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rho, c)`` with the correlations within :func:`snap_tolerance` of +-1 set to
+    exactly +-1 and their covariances to ``+-sqrt(q1 q2)`` (see
+    :func:`snapped_correlation`); unchanged tensors if there are none."""
+    snap = (1.0 - rho.abs()) <= snap_tolerance(rho.dtype)
     if bool(snap.any()):
         rho = torch.where(snap, torch.sign(rho), rho)
         c = torch.where(snap, rho * torch.sqrt(q1 * q2), c)

@@ -126,12 +126,10 @@ def fast_correlation(
         known(rho).zero_()
     c = moments
     if rho.numel():
-        tolerance = 16 * torch.finfo(rho.dtype).eps
+        tolerance = gaussian.snap_tolerance(rho.dtype)
         low, high = torch.aminmax(rho)
         if bool((1.0 - high <= tolerance) | (1.0 + low <= tolerance)):
-            snap = (1.0 - rho.abs()) <= tolerance
-            rho = torch.where(snap, torch.sign(rho), rho)
-            c = torch.where(snap, rho * torch.sqrt(q1 * q2), c)
+            rho, c = gaussian.snap_to_unit(q1, q2, c, rho)
     if known is not None and isinstance(known_rho, float):
         known(rho).fill_(known_rho)
     elif known is not None:
