@@ -103,6 +103,16 @@ def add_training_arguments(
     )
 
 
+def training_widths(args: argparse.Namespace, default: Sequence[int]) -> list[int]:
+    """The widths of ``--widths`` (or ``default``), after checking ``--n-train`` against
+    the digits data set (a usage error otherwise)."""
+    from .demo import N_DIGITS
+
+    if not 10 <= args.n_train < N_DIGITS:
+        args.parser.error(f"--n-train must be between 10 and {N_DIGITS - 1}, got {args.n_train}")
+    return list(default) if args.widths is None else [w for ws in args.widths for w in ws]
+
+
 # --------------------------------------------------------------------------- demo
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``widenets demo``."""
@@ -147,11 +157,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     """Run ``widenets demo`` with parsed arguments; print the report path and a summary."""
     import torch
 
-    from .demo import DEFAULT_WIDTHS, N_DIGITS, run_demo, summary
+    from .demo import DEFAULT_WIDTHS, run_demo, summary
 
-    widths = DEFAULT_WIDTHS if args.widths is None else [w for ws in args.widths for w in ws]
-    if not 10 <= args.n_train < N_DIGITS:
-        args.parser.error(f"--n-train must be between 10 and {N_DIGITS - 1}, got {args.n_train}")
+    widths = training_widths(args, DEFAULT_WIDTHS)
     try:
         results = run_demo(
             out_dir=args.out,
@@ -223,12 +231,9 @@ def add_lazy_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 def run_lazy_command(args: argparse.Namespace) -> int:
     """Run ``widenets lazy`` with parsed arguments; print the output paths and slopes."""
-    from .demo import N_DIGITS
     from .experiments import DEFAULT_WIDTHS, run_lazy, summary
 
-    widths = DEFAULT_WIDTHS if args.widths is None else [w for ws in args.widths for w in ws]
-    if not 10 <= args.n_train < N_DIGITS:
-        args.parser.error(f"--n-train must be between 10 and {N_DIGITS - 1}, got {args.n_train}")
+    widths = training_widths(args, DEFAULT_WIDTHS)
     if len(set(widths)) != len(widths):
         args.parser.error(f"--widths must be distinct, got {','.join(map(str, widths))}")
     try:
