@@ -205,3 +205,35 @@ def test_freed_temporaries_stay_in_the_heap():
     tuned, default = minor_faults_of_second_call(True), minor_faults_of_second_call(False)
     assert tuned < 1000
     assert default > 5000
+
+
+FLOAT32_NETS = {
+    "relu": (lambda: mlp(wn.ReLU, depth=3, b_std=0.05), (300, 20)),
+    "erf": (lambda: mlp(wn.Erf, depth=10, b_std=0.05), (200, 10)),
+    "cnn-gap": (lambda: wn.Sequential(
+        wn.Conv2d(8, 3, padding="same", W_std=1.5, b_std=0.05), wn.ReLU(),
+        wn.Conv2d(8, 3, padding="same", W_std=1.5, b_std=0.05), wn.ReLU(),
+        wn.GlobalAvgPool(), wn.Linear(1, 1.5, 0.05)), (12, 3, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT32_NETS))
+def test_float32_option_keeps_six_digits(name):
+    make, shape = FLOAT32_NETS[name]
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    net = make()
+    exact = net.kernel(x.numpy(), None, get=("nngp", "ntk"))
+    single = net.kernel(x.numpy(), None, get=("nngp", "ntk"), dtype=torch.float32)
+    for kernel in ("nngp", "ntk"):
+        assert single[kernel].dtype == torch.float32
+        error = (single[kernel].double() - exact[kernel]).abs().max() / exact[kernel].abs().max()
+        assert error < 1e-5, f"{kernel}: {error:.1e}"
+    assert net.kernel(x, get="ntk", dtype=torch.float64).dtype == torch.float64
+
+
+def test_bad_dtype():
+    x = random_inputs(3, 2)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        mlp(wn.ReLU).kernel(x, dtype=torch.int64)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        mlp(wn.ReLU).kernel(x, dtype="float32")
