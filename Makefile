@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(VPY) benchmarks/bench_conv.py
 	$(VPY) benchmarks/bench_empirical.py
 	$(VPY) benchmarks/bench_tiles.py
+	$(VPY) benchmarks/bench_heap.py
 
 # Neural Tangents in its own environment, for the side-by-side comparison (issue 7).
 $(PEER_STAMP):

@@ -127,3 +127,59 @@ def test_unsupported_architectures():
         wn.Sequential(wn.FanOut(3), wn.Parallel(wn.Linear(4), wn.Linear(4))).kernel(x)
     with pytest.raises(ValueError, match="Linear needs"):
         wn.Sequential(wn.Linear(4)).kernel(torch.ones(2, 3, 4, 4))
+
+
+# ------------------------------------------------ found by an adversarial user's session
+
+
+def test_huge_scale_parameters_are_refused_not_overflowed():
+    """``b_std=1e160`` squared overflows a Python float (a bare OverflowError before)."""
+    for make in (lambda: wn.Linear(3, b_std=1e160), lambda: wn.Linear(3, W_std=1e160),
+                 lambda: wn.Conv2d(3, 3, W_std=1e200), lambda: wn.Erf(a=1e160),
+                 lambda: wn.Sin(b=-1e160), lambda: wn.Rbf(1e200)):
+        with pytest.raises(ValueError, match="at most 1e\\+150 in magnitude"):
+            make()
+
+
+def test_overflowing_inputs_are_blamed_on_the_inputs(net):
+    x = np.ones((3, 4))
+    x[1] = 1e200
+    with pytest.raises(ValueError, match=r"inputs' second moments overflow.*\|x\| = 1e\+200"):
+        net.kernel(x)
+
+
+def test_nan_from_an_elementwise_function_is_not_called_an_overflow():
+    net = wn.Sequential(wn.Linear(4), wn.Elementwise(torch.log), wn.Linear(1))
+    with pytest.raises(ValueError, match="Elementwise's fn returned NaN or inf"):
+        net.kernel(np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("fn, error, match", [
+    (lambda t: t.sum(-1), ValueError, "must act elementwise"),
+    (lambda t: t > 0, TypeError, "must return a floating tensor"),
+    (lambda t: 1.0, TypeError, "must return a tensor"),
+])
+def test_elementwise_functions_that_are_not_elementwise(fn, error, match):
+    net = wn.Sequential(wn.Linear(4), wn.Elementwise(fn), wn.Linear(1))
+    with pytest.raises(error, match=match):
+        net.kernel(np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(net, half):
+    x = random_inputs(5, 4).to(half)
+    k = net.kernel(x, get=("nngp", "ntk"))
+    expected = net.kernel(x.float(), get=("nngp", "ntk"))
+    assert k.ntk.dtype == torch.float32
+    assert torch.equal(k.ntk, expected.ntk) and torch.equal(k.nngp, expected.nngp)
+    assert net.kernel(x, random_inputs(2, 4).float()).dtype == torch.float32
+
+
+def test_eight_bit_floats_and_half_compute_dtypes_are_refused(net):
+    x = random_inputs(3, 4)
+    with pytest.raises(TypeError, match="x1 has dtype torch.float8_e4m3fn; widenets computes"):
+        net.kernel(x.to(torch.float8_e4m3fn))
+    with pytest.raises(TypeError, match="x2 has dtype torch.float8_e5m2"):
+        net.kernel(x.float(), x.to(torch.float8_e5m2))
+    with pytest.raises(TypeError, match="torch.float32, torch.float64 or None"):
+        net.kernel(x, dtype=torch.float16)

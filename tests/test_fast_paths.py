@@ -12,10 +12,6 @@ inputs that trigger the snapping (duplicates, zeros) and deep networks.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -177,34 +173,6 @@ def test_straightforward_is_per_thread_and_restored_after_errors():
         with straightforward():
             raise RuntimeError("inside")
     assert fast_paths_enabled()
-
-
-def minor_faults_of_second_call(tune: bool) -> int:
-    """Page faults of a repeated kernel call in a fresh process, with or without tuning."""
-    script = textwrap.dedent("""
-        import resource, torch, widenets as wn
-        net = wn.Sequential(wn.Linear(8, 1.5, 0.05), wn.ReLU(), wn.Linear(8, 1.5, 0.05),
-                            wn.ReLU(), wn.Linear(1))
-        x = torch.randn(1500, 20, dtype=torch.float64)
-        net.kernel(x, None, get=("nngp", "ntk"))
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        net.kernel(x, None, get=("nngp", "ntk"))
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    """)
-    env = dict(os.environ, WIDENETS_TUNE_MALLOC="1" if tune else "0")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, check=True)
-    return int(out.stdout.split()[-1])
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
-def test_freed_temporaries_stay_in_the_heap():
-    """With the tuning a repeated call reuses the heap: no page faults (its two 18 MB
-    results are below the 32 MiB mmap threshold too; measured 0). With glibc's defaults
-    the temporaries go back to the system and are faulted in again (measured 13 366)."""
-    tuned, default = minor_faults_of_second_call(True), minor_faults_of_second_call(False)
-    assert tuned < 1000
-    assert default > 5000
 
 
 FLOAT32_NETS = {

@@ -292,3 +292,38 @@ def test_ensemble_computes_the_training_kernels_once(data, monkeypatch):
     for t in (1.0, None):
         predict(x_test, t=t, get="ntk")
     assert calls.count((12, True)) == 1
+
+
+def test_targets_as_lists_and_times_as_numpy_scalars(data):
+    """``(N,)`` targets given as a plain list, and ``t`` as a NumPy scalar or a 0-D array or
+    tensor, mean the same as their tensor and float forms (they were refused)."""
+    x_train, x_test, y = data
+    y_list = [float(v) for v in y[:, 0]]
+    expected = wn.predict.gp_inference(NET, x_train, y[:, 0], diag_reg=1e-3)(x_test)[0]
+    mean = wn.predict.gp_inference(NET, x_train, y_list, diag_reg=1e-3)(x_test)[0]
+    assert mean.shape == (7,)
+    torch.testing.assert_close(mean, expected, rtol=0, atol=0)
+    ensemble = wn.predict.gradient_descent_mse_ensemble(NET, x_train, y_list)
+    reference = ensemble(x_test, t=3.0, compute_cov=False)[0]
+    for t in (np.float64(3.0), np.int64(3), np.array(3.0), torch.tensor(3),
+              torch.tensor(3.0, dtype=torch.float32)):
+        torch.testing.assert_close(ensemble(x_test, t=t, compute_cov=False)[0], reference,
+                                   rtol=0, atol=0)
+    fn = wn.predict.gradient_descent_mse(np.eye(3), [1.0, 2.0, 3.0])
+    assert fn(np.int64(2))[0].shape == (3,)
+    for bad in (True, "3", np.array([[1.0]]), torch.tensor([True])):
+        with pytest.raises((TypeError, ValueError), match="t must be"):
+            ensemble(x_test, t=bad)
+
+
+def test_prediction_errors_name_x_test_and_x_train(data):
+    x_train, x_test, y = data
+    posterior = wn.predict.gp_inference(NET, x_train, y, diag_reg=1e-3)
+    ensemble = wn.predict.gradient_descent_mse_ensemble(NET, x_train, y)
+    for predict in (posterior, ensemble):
+        with pytest.raises(ValueError, match=r"x_test examples must have the shape of x_train"):
+            predict(x_test[:, :3])
+        with pytest.raises(ValueError, match="x_test contains NaN"):
+            predict(np.full((2, 4), np.nan))
+    with pytest.raises(TypeError, match="y_train must be a tensor or an array"):
+        wn.predict.gp_inference(NET, x_train, "labels")

@@ -172,8 +172,8 @@ class _Setup:
             raise ValueError(f"k_train_train must be square (N, N), got {tuple(k.shape)}")
         self.device = k.device
         k = k.detach().to("cpu", torch.float64)
-        self.is_vector = getattr(y_train, "ndim", None) == 1
-        self.y = _as_targets(y_train, k.shape[0]).detach().to("cpu", torch.float64)
+        y, self.is_vector = _as_targets(y_train, k.shape[0])
+        self.y = y.detach().to("cpu", torch.float64)
         self.lr = check_nonnegative(learning_rate, "learning_rate")
         reg = check_nonnegative(diag_reg, "diag_reg")
         if not isinstance(method, str) or method not in _METHODS:

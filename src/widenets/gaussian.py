@@ -19,12 +19,25 @@ import torch
 Tensor = torch.Tensor
 
 
+def inverse_sqrt(q: Tensor) -> Tensor:
+    """``1 / sqrt(q)``, and 0 where the variance ``q`` is 0 (the correlation is then 0)."""
+    return torch.where(q > 0, torch.rsqrt(q), torch.zeros_like(q))
+
+
+def geometric_mean(q1: Tensor, q2: Tensor) -> Tensor:
+    """``sqrt(q1 q2)`` for variances ``q1, q2 >= 0``, as ``max sqrt(min / max)``: no overflow
+    or underflow of the product, and exactly ``q`` when ``q1 = q2 = q``."""
+    high, low = torch.maximum(q1, q2), torch.minimum(q1, q2)
+    return torch.where(high > 0, high * torch.sqrt(low / high), torch.zeros_like(high))
+
+
 def correlation(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
-    """``rho = c / sqrt(q1 q2)`` clipped into [-1, 1]; 0 where a variance is 0."""
-    prod = q1 * q2
-    positive = prod > 0
-    rho = c / torch.sqrt(torch.where(positive, prod, torch.ones_like(prod)))
-    return torch.where(positive, rho.clamp(-1.0, 1.0), torch.zeros_like(rho))
+    """``rho = c / sqrt(q1 q2)`` clipped into [-1, 1]; 0 where a variance is 0.
+
+    Each variance is inverted on its own: ``q1 q2`` would overflow (or underflow) long
+    before the variances themselves do.
+    """
+    return (c * inverse_sqrt(q1) * inverse_sqrt(q2)).clamp(-1.0, 1.0)
 
 
 def snapped_correlation(q1: Tensor, q2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,7 +64,7 @@ def snap_to_unit(q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor) -> tuple[Tensor
     snap = (1.0 - rho.abs()) <= snap_tolerance(rho.dtype)
     if bool(snap.any()):
         rho = torch.where(snap, torch.sign(rho), rho)
-        c = torch.where(snap, rho * torch.sqrt(q1 * q2), c)
+        c = torch.where(snap, rho * geometric_mean(q1, q2), c)
     return rho, c
 
 
@@ -101,11 +114,20 @@ def _arc_cosine_j_integral(order: int, theta: Tensor) -> Tensor:
 
 
 def rectified_monomial_moments(order: int, q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
-    r"""``E[max(u,0)^n max(v,0)^n] = (q1 q2)^{n/2} J_n(theta) / (2 pi)`` (Cho & Saul 2009)."""
+    r"""``E[max(u,0)^n max(v,0)^n] = (q1 q2)^{n/2} J_n(theta) / (2 pi)`` (Cho & Saul 2009).
+
+    Order 0 is the step ``1[x > 0]``, discontinuous at 0: where a variance is 0 that input
+    is exactly 0 and the moment is 0 (not the limit 1/2 or 1/4 of small variances).
+    """
     angular = arc_cosine_j(order, rho) / (2 * math.pi)
     if order == 0:
-        return angular.expand(torch.broadcast_shapes(q1.shape, q2.shape, rho.shape))
-    return (q1 * q2) ** (order / 2) * angular
+        return angular * _both_nonzero(q1, q2)
+    return q1 ** (order / 2) * q2 ** (order / 2) * angular
+
+
+def _both_nonzero(q1: Tensor, q2: Tensor) -> Tensor:
+    """1 where both variances are positive, else 0 (an input of variance 0 is exactly 0)."""
+    return ((q1 > 0) & (q2 > 0)).to(q1.dtype)
 
 
 def ab_relu_maps(
@@ -141,83 +163,125 @@ def ab_relu_maps(
     return moments, derivative
 
 
-def sign_moments(rho: Tensor) -> Tensor:
-    r"""``E[sign(u) sign(v)] = (2 / pi) arcsin(rho)`` (Grothendieck's identity)."""
-    return (2 / math.pi) * torch.arcsin(rho)
+def sign_moments(q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
+    r"""``E[sign(u) sign(v)] = (2 / pi) arcsin(rho)`` (Grothendieck's identity), and 0 where
+    a variance is 0 (``sign(0) = 0``: that input is exactly 0)."""
+    return (2 / math.pi) * torch.arcsin(rho) * _both_nonzero(q1, q2)
+
+
+def _scaled_determinant(
+    s: float, q1: Tensor, q2: Tensor, rho: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``det(I + s Sigma) = (1 + s q1)(1 + s q2) - s^2 c^2`` without cancellation or
+    overflow, for the covariance ``Sigma = [[q1, c], [c, q2]]`` with ``c = rho sqrt(q1 q2)``.
+
+    Multiplied out, the determinant is ``1 + s q1 + s q2 + s^2 q1 q2 (1 - rho^2)``: a sum
+    of non-negative terms, exact on a diagonal (``rho = 1``), where the textbook form
+    subtracts two nearly equal numbers of size ``(s q)^2`` (for ``s q = 1e16`` in float64
+    nothing of the true ``1 + 2 s q`` survives). Each variance is scaled by
+    ``m_i = max(1, s q_i)`` so that no product overflows: returns ``(det / (m1 m2), r1,
+    r2)`` with ``r_i = m_i^{-1/2}``, so ``sqrt(det) = sqrt(scaled) / (r1 r2)``.
+    """
+    sq1, sq2 = s * q1, s * q2
+    m1, m2 = sq1.clamp_min(1.0), sq2.clamp_min(1.0)
+    u1, u2 = sq1 / m1, sq2 / m2  # s q_i / m_i, in [0, 1]
+    v1, v2 = 1.0 / m1, 1.0 / m2  # 1 / m_i, in (0, 1]
+    one = torch.ones((), dtype=rho.dtype, device=rho.device)
+    scaled = torch.addcmul(one, rho, rho, value=-1.0).mul_(u1).mul_(u2)
+    scaled.addcmul_(v1, v2 + u2).addcmul_(u1, v2)
+    return scaled, torch.rsqrt(m1), torch.rsqrt(m2)
 
 
 def erf_maps(
-    b: float, q1: Tensor, q2: Tensor, c: Tensor, with_derivative: bool = True
+    b: float, q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor, with_derivative: bool = True
 ) -> tuple[Tensor, Tensor | None]:
     r"""Both maps of ``erf(b x)`` (Williams 1997, "Computing with infinite networks").
 
-    With ``s = 2 b^2`` and ``d_i = 1 + s q_i``::
+    With ``s = 2 b^2``, ``d_i = 1 + s q_i`` and ``D = d1 d2 - s^2 c^2 = det(I + s Sigma)``::
 
-        E[erf(b u) erf(b v)]   = (2 / pi) arcsin(s c / sqrt(d1 d2))
-        E[erf'(b u) erf'(b v)] = (2 s / pi) / sqrt(d1 d2 - s^2 c^2)
+        E[erf(b u) erf(b v)]   = (2 / pi) arcsin(s c / sqrt(d1 d2)) = (2 / pi) atan2(s c, sqrt(D))
+        E[erf'(b u) erf'(b v)] = (2 s / pi) / sqrt(D)
 
     the second because ``d/dx erf(b x) = (2 b / sqrt(pi)) exp(-b^2 x^2)`` and
-    ``E[exp(-b^2 (u^2 + v^2))] = det(I + 2 b^2 Sigma)^{-1/2}``. The determinant is
-    ``>= 1`` for a covariance and is clipped there against rounding. ``c`` has the
-    broadcast shape of all arguments and is not changed; the results are fresh tensors
-    (the derivative map ``None`` unless ``with_derivative``).
+    ``E[exp(-b^2 (u^2 + v^2))] = D^{-1/2}``. ``D`` comes from
+    :func:`_scaled_determinant` (no cancellation, no overflow), and ``atan2`` keeps the
+    NNGP accurate where the arcsine's argument rounds to 1 (large inputs). ``c`` and
+    ``rho`` have the broadcast shape of all arguments and are not changed; the results
+    are fresh tensors (the derivative map ``None`` unless ``with_derivative``).
     """
     s = 2 * b * b
-    d1, d2 = 1 + s * q1, 1 + s * q2
-    arg = torch.mul(c, s * torch.rsqrt(d1)).mul_(torch.rsqrt(d2)).clamp_(-1.0, 1.0)
-    moments = arg.arcsin_().mul_(2 / math.pi)
+    scaled, r1, r2 = _scaled_determinant(s, q1, q2, rho)
+    root = scaled.sqrt_()  # sqrt(D) r1 r2
+    moments = torch.mul(c, s * r1).mul_(r2).atan2_(root).mul_(2 / math.pi)
     if not with_derivative:
         return moments, None
-    derivative = torch.addcmul(d1 * d2, c, c, value=-s * s).clamp_min_(1.0).rsqrt_()
-    return moments, derivative.mul_(2 * s / math.pi)
+    derivative = root.reciprocal_().mul_((2 * s / math.pi) * r1).mul_(r2)
+    return moments, derivative
 
 
-def sin_moments(b: float, phase: float, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+def squared_distance(q1: Tensor, q2: Tensor, rho: Tensor, sign: float = -1.0) -> Tensor:
+    r"""``E[(u - v)^2] = q1 + q2 - 2c`` (``sign=-1``) or ``E[(u + v)^2] = q1 + q2 + 2c``
+    (``sign=+1``), as ``(sqrt(q1) - sqrt(q2))^2 + 2 sqrt(q1 q2) (1 + sign rho)``.
+
+    A sum of non-negative terms: the textbook form cancels for nearly equal inputs (for
+    ``q = 1e16`` its rounding alone is of order 1, where the true distance may be 0).
+    """
+    root1, root2 = torch.sqrt(q1), torch.sqrt(q2)
+    return (root1 - root2) ** 2 + 2 * root1 * root2 * (1.0 + sign * rho)
+
+
+def sin_moments(b: float, phase: float, q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
     r"""``E[sin(b u + phase) sin(b v + phase)]``.
 
     With ``sin x sin y = (cos(x - y) - cos(x + y)) / 2`` and
     ``E[cos(w + t)] = exp(-Var(w) / 2) cos(t)`` for Gaussian ``w``:
-    ``(exp(-b^2 (q1 + q2 - 2c) / 2) - cos(2 phase) exp(-b^2 (q1 + q2 + 2c) / 2)) / 2``.
-    The derivative map of ``sin`` is this with ``phase + pi/2`` (cosine), times ``b^2``.
+    ``(exp(-b^2 E[(u - v)^2] / 2) - cos(2 phase) exp(-b^2 E[(u + v)^2] / 2)) / 2``, the
+    second moments from :func:`squared_distance`. The derivative map of ``sin`` is this
+    with ``phase + pi/2`` (cosine), times ``b^2``.
     """
     half_b2 = 0.5 * b * b
-    total = q1 + q2
     return 0.5 * (
-        torch.exp(-half_b2 * (total - 2 * c))
-        - math.cos(2 * phase) * torch.exp(-half_b2 * (total + 2 * c))
+        torch.exp(-half_b2 * squared_distance(q1, q2, rho))
+        - math.cos(2 * phase) * torch.exp(-half_b2 * squared_distance(q1, q2, rho, 1.0))
     )
 
 
-def gelu_moments(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
-    r"""``E[g(u) g(v)]`` for the exact GELU ``g(x) = x Phi(x)``.
+def gelu_maps(
+    q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor, with_derivative: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    r"""Both maps of the exact GELU ``g(x) = x Phi(x)``, ``g'(x) = Phi(x) + x phi(x)``.
 
-    Obtained by integrating the derivative map (Price's theorem,
+    The NNGP map is obtained by integrating the derivative map (Price's theorem,
     ``d/dc E[g(u) g(v)] = E[g'(u) g'(v)]``) from ``c = 0``, where it equals
-    ``E[g(u)] E[g(v)]`` with ``E[u Phi(u)] = q / sqrt(2 pi (1 + q))``. With
-    ``s^2 = (1 + q1)(1 + q2)`` and ``D = s^2 - c^2``:
-    ``c/4 + c arcsin(c/s) / (2 pi) + (sqrt(D) (q1 q2 - 1) / s^2 + 1 / sqrt(D)) / (2 pi)``.
+    ``E[g(u)] E[g(v)]`` with ``E[u Phi(u)] = q / sqrt(2 pi (1 + q))``; the derivative map
+    by writing ``Phi(u) = P(z <= u)`` for an independent standard normal ``z`` and
+    tilting the Gaussian by ``phi``. With ``s^2 = (1 + q1)(1 + q2)`` and
+    ``D = s^2 - c^2`` (the textbook forms)::
+
+        E[g g]   = c/4 + (c arcsin(c/s) + sqrt(D) (q1 q2 - 1) / s^2 + 1 / sqrt(D)) / (2 pi)
+        E[g' g'] = 1/4 + (arcsin(c/s) + c (2 + q1 + q2) / (s^2 sqrt(D)) + c / D^{3/2}) / (2 pi)
+
+    Computed without cancellation: ``arcsin(c/s) = atan2(c, sqrt(D))``, ``D`` from
+    :func:`_scaled_determinant` (``s = 1``), ``(2 + q1 + q2) / s^2 = p1 + p2`` and
+    ``sqrt(D) (q1 q2 - 1) / s^2 + 1 / sqrt(D) = sqrt(D) t1 t2 + c^2 p1 p2 / sqrt(D)``
+    with ``p_i = 1 / (1 + q_i)``, ``t_i = q_i / (1 + q_i)`` (the textbook form subtracts
+    two terms near 1 for small variances). ``c`` and ``rho`` have the broadcast shape of
+    all arguments; the results are fresh tensors.
     """
-    s_sq = (1 + q1) * (1 + q2)
-    det = (s_sq - c * c).clamp_min(1.0)
-    root_det = torch.sqrt(det)
-    arcsin = torch.arcsin((c / torch.sqrt(s_sq)).clamp(-1.0, 1.0))
-    return c / 4 + (c * arcsin + root_det * (q1 * q2 - 1) / s_sq + 1 / root_det) / (2 * math.pi)
-
-
-def gelu_derivative_moments(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
-    r"""``E[g'(u) g'(v)]`` for ``g'(x) = Phi(x) + x phi(x)`` (exact GELU).
-
-    Writing ``Phi(u) = P(z <= u)`` for an independent standard normal ``z`` and
-    tilting the Gaussian by ``phi``: with ``s^2 = (1 + q1)(1 + q2)``, ``D = s^2 - c^2``,
-    ``1/4 + arcsin(c/s) / (2 pi) + c (2 + q1 + q2) / (2 pi s^2 sqrt(D)) + c / (2 pi D^{3/2})``.
-    """
-    s_sq = (1 + q1) * (1 + q2)
-    det = (s_sq - c * c).clamp_min(1.0)
-    root_det = torch.sqrt(det)
-    arcsin = torch.arcsin((c / torch.sqrt(s_sq)).clamp(-1.0, 1.0))
-    return 0.25 + (arcsin + c * (2 + q1 + q2) / (s_sq * root_det) + c / (det * root_det)) / (
+    scaled, r1, r2 = _scaled_determinant(1.0, q1, q2, rho)
+    root = scaled.sqrt_().div_(r1).div_(r2)  # sqrt(D)
+    angle = torch.atan2(c, root)
+    p1, p2 = 1.0 / (1.0 + q1), 1.0 / (1.0 + q2)
+    c_over_root = c / root
+    moments = (c * angle + root * (q1 * p1) * (q2 * p2) + c * c_over_root * p1 * p2) / (
         2 * math.pi
-    )
+    ) + c / 4
+    if not with_derivative:
+        return moments, None
+    derivative = 0.25 + (
+        angle + c_over_root * (p1 + p2) + c_over_root / root / root
+    ) / (2 * math.pi)
+    return moments, derivative
 
 
 def hermite_rule(degree: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:

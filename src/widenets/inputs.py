@@ -36,6 +36,7 @@ def as_data_tensor(x: object, name: str) -> torch.Tensor:
         raise TypeError(
             f"{name} must have a floating dtype (float32 or float64), got {tensor.dtype}"
         )
+    tensor = as_compute_dtype(tensor, name)
     if tensor.ndim < 2:
         raise ValueError(
             f"{name} must have shape (N, features) or (N, C, ...), got shape {tuple(tensor.shape)}"
@@ -45,6 +46,26 @@ def as_data_tensor(x: object, name: str) -> torch.Tensor:
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or inf values")
     return tensor
+
+
+#: Floating dtypes the kernels are computed in.
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+#: Half-precision dtypes: accepted as inputs, computed (and returned) in float32, because
+#: their 3 or 4 significant digits cannot carry a kernel through a network's layers.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def as_compute_dtype(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` in a dtype the kernels are computed in: float32 and float64 as they are,
+    float16 and bfloat16 converted to float32; other floating dtypes (float8) refused."""
+    if tensor.dtype in COMPUTE_DTYPES:
+        return tensor
+    if tensor.dtype in HALF_DTYPES:
+        return tensor.to(torch.float32)
+    raise TypeError(
+        f"{name} has dtype {tensor.dtype}; widenets computes in float32 or float64 (float16 "
+        "and bfloat16 inputs are computed in float32): convert it with .float() or .double()"
+    )
 
 
 def as_input_pair(
@@ -115,4 +136,21 @@ def check_finite_number(value: object, name: str) -> float:
     value = float(value)
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+#: Largest magnitude of a scale parameter (``W_std``, ``b_std``, an activation's ``a``, ``b``):
+#: its square enters the kernel and must stay finite in float64.
+MAX_SCALE = 1e150
+
+
+def check_scale(value: object, name: str, nonnegative: bool = False) -> float:
+    """Return ``value`` as a float, raising unless it is a finite real number (``>= 0`` if
+    ``nonnegative``) of magnitude at most :data:`MAX_SCALE`."""
+    value = check_nonnegative(value, name) if nonnegative else check_finite_number(value, name)
+    if abs(value) > MAX_SCALE:
+        raise ValueError(
+            f"{name} must be at most {MAX_SCALE:g} in magnitude (its square enters the "
+            f"kernel), got {value:g}"
+        )
     return value

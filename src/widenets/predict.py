@@ -12,8 +12,9 @@ set.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .inputs import as_data_tensor, check_nonnegative, parse_get
@@ -22,13 +23,23 @@ from .layers.base import Layer
 Tensor = torch.Tensor
 
 
-def _as_targets(y: object, n: int) -> Tensor:
-    t = as_data_tensor(y[:, None] if getattr(y, "ndim", None) == 1 else y, "y_train")
+def _as_targets(y: object, n: int) -> tuple[Tensor, bool]:
+    """Targets ``(N,)`` or ``(N, outputs)`` (a tensor, an array or a list) as ``(N, outputs)``,
+    and whether they were a vector."""
+    if isinstance(y, torch.Tensor):
+        t = y
+    elif isinstance(y, (str, bytes)) or not isinstance(y, (np.ndarray, np.generic, Sequence)):
+        raise TypeError(f"y_train must be a tensor or an array ({n},) or ({n}, outputs), got "
+                        f"{type(y).__name__}")
+    else:
+        t = np.asarray(y)
+    is_vector = t.ndim == 1
+    t = as_data_tensor(t[:, None] if is_vector else t, "y_train")
     if t.ndim != 2 or t.shape[0] != n:
         raise ValueError(
             f"y_train must have shape ({n},) or ({n}, outputs), got {tuple(t.shape)}"
         )
-    return t
+    return t, is_vector
 
 
 def _restore(values: Tensor, like_vector: bool) -> Tensor:
@@ -112,8 +123,19 @@ def _check_get(get: object) -> str:
 
 def _training_data(x_train: object, y_train: object) -> tuple[Tensor, Tensor, bool]:
     xt = as_data_tensor(x_train, "x_train")
-    is_vector = getattr(y_train, "ndim", None) == 1
-    return xt, _as_targets(y_train, xt.shape[0]).to(torch.float64), is_vector
+    yt, is_vector = _as_targets(y_train, xt.shape[0])
+    return xt, yt.to(torch.float64), is_vector
+
+
+def _test_inputs(x_test: object, x_train: Tensor) -> Tensor:
+    """``x_test`` as a tensor whose examples have the shape of the training examples."""
+    xs = as_data_tensor(x_test, "x_test")
+    if xs.shape[1:] != x_train.shape[1:]:
+        raise ValueError(
+            f"x_test examples must have the shape of x_train's, {tuple(x_train.shape[1:])}, "
+            f"got {tuple(xs.shape[1:])}"
+        )
+    return xs
 
 
 def gp_inference(
@@ -157,7 +179,7 @@ def gp_inference(
         x_test: object, get: str = "nngp", compute_cov: bool = True
     ) -> tuple[Tensor, Tensor | None]:
         name = _check_get(get)
-        xs = as_data_tensor(x_test, "x_test")
+        xs = _test_inputs(x_test, xt)
         chol, alpha = factor(name)
         k_tx = kernels(xs, xt.to(xs.dtype), (name,))[name]
         mean = _restore(k_tx @ alpha, is_vector).to(xs.dtype)
@@ -241,7 +263,7 @@ def gradient_descent_mse_ensemble(
         compute_cov: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         name = _check_get(get)
-        xs = as_data_tensor(x_test, "x_test")
+        xs = _test_inputs(x_test, xt)
         times, scalar_time = _as_times(t)
         decomposition, projected_y = spectrum(name)
         names = ("nngp", "ntk") if compute_cov and name == "ntk" else (name,)
@@ -337,8 +359,8 @@ def gradient_descent_mse(
     k = as_data_tensor(k_train_train, "k_train_train").to(torch.float64)
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"k_train_train must be square (N, N), got {tuple(k.shape)}")
-    is_vector = getattr(y_train, "ndim", None) == 1
-    y = _as_targets(y_train, k.shape[0]).to(torch.float64).to(k.device)
+    y, is_vector = _as_targets(y_train, k.shape[0])
+    y = y.to(torch.float64).to(k.device)
     lr = check_nonnegative(learning_rate, "learning_rate")
     reg = check_nonnegative(diag_reg, "diag_reg")
     spectrum = _Spectrum(k, reg, "k_train_train")
@@ -377,14 +399,24 @@ def gradient_descent_mse(
 
 
 def _as_times(t: float | Tensor | None) -> tuple[Tensor, bool]:
+    """Times as a 1-D float64 tensor, and whether ``t`` was a single number (a Python or
+    NumPy number, or a 0-D array or tensor); ``None`` is ``t = inf``."""
     if t is None:
         return torch.tensor([math.inf], dtype=torch.float64), True
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
-        times, scalar = torch.tensor([float(t)], dtype=torch.float64), True
-    else:
-        times, scalar = torch.as_tensor(t, dtype=torch.float64), False
-        if times.ndim != 1:
-            raise ValueError(f"t must be a number, a 1-D tensor of times or None, got {t!r}")
+    message = f"t must be a number, a 1-D tensor of times or None, got {t!r}"
+    if isinstance(t, (bool, np.bool_, str, bytes)):
+        raise TypeError(message)
+    try:
+        values = t.detach().cpu() if isinstance(t, Tensor) else np.asarray(t)
+        if values.dtype in (torch.bool, np.bool_) or values.dtype == object:
+            raise TypeError(message)
+        times = torch.as_tensor(values).to(torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(message) from error
+    if times.ndim > 1:
+        raise ValueError(message)
+    scalar = times.ndim == 0
+    times = times.reshape(-1)
     if bool(torch.isnan(times).any()) or bool((times < 0).any()):
         raise ValueError(f"t must be >= 0, got {t!r}")
     return times, scalar

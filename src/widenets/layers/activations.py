@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import gaussian
-from ..inputs import check_finite_number, check_nonnegative, check_positive_int
+from ..inputs import check_positive_int, check_scale
 from ..kernel import Kernel, batch_diagonal
 from ..paths import fast_paths_enabled
 from .base import KernelState, Layer, Shape, single_kernel
@@ -121,7 +121,8 @@ def fast_correlation(
     equal positions of a self-covariance) are left out of that test and set to
     ``known_rho`` (exactly 1 at equal positions).
     """
-    rho = torch.mul(moments, _inverse_sqrt(q1)).mul_(_inverse_sqrt(q2)).clamp_(-1.0, 1.0)
+    rho = torch.mul(moments, gaussian.inverse_sqrt(q1)).mul_(gaussian.inverse_sqrt(q2))
+    rho.clamp_(-1.0, 1.0)
     if known is not None:
         known(rho).zero_()
     c = moments
@@ -135,11 +136,6 @@ def fast_correlation(
     elif known is not None:
         known(rho).copy_(known_rho)
     return rho, c
-
-
-def _inverse_sqrt(q: Tensor) -> Tensor:
-    """``1 / sqrt(q)``, and 0 where the variance ``q`` is 0 (the correlation is then 0)."""
-    return torch.where(q > 0, torch.rsqrt(q), torch.zeros_like(q))
 
 
 class ActivationModule(nn.Module):
@@ -170,8 +166,8 @@ class ABReLU(Activation):
     """``phi(x) = a min(x, 0) + b max(x, 0)``; maps in :func:`gaussian.ab_relu_maps`."""
 
     def __init__(self, a: float, b: float) -> None:
-        self.a = check_finite_number(a, "a")
-        self.b = check_finite_number(b, "b")
+        self.a = check_scale(a, "a")
+        self.b = check_scale(b, "b")
 
     def apply(self, x: Tensor) -> Tensor:
         return torch.where(x > 0, self.b * x, self.a * x)
@@ -270,7 +266,7 @@ class Sign(Activation):
         return torch.sign(x)
 
     def nngp_map(self, q1, q2, c, rho):
-        return gaussian.sign_moments(rho)
+        return gaussian.sign_moments(q1, q2, rho)
 
     def derivative_map(self, q1, q2, c, rho):
         return torch.zeros_like(rho)
@@ -280,9 +276,9 @@ class Erf(Activation):
     """``phi(x) = a erf(b x) + c`` (Williams 1997); maps in :func:`gaussian.erf_maps`."""
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
-        self.a = check_finite_number(a, "a")
-        self.b = check_finite_number(b, "b")
-        self.c = check_finite_number(c, "c")
+        self.a = check_scale(a, "a")
+        self.b = check_scale(b, "b")
+        self.c = check_scale(c, "c")
 
     def apply(self, x: Tensor) -> Tensor:
         return self.a * torch.erf(self.b * x) + self.c
@@ -291,10 +287,10 @@ class Erf(Activation):
         return self.pair_maps(q1, q2, c, rho, None)[0]
 
     def derivative_map(self, q1, q2, c, rho):
-        return self.a**2 * gaussian.erf_maps(self.b, q1, q2, c)[1]
+        return self.a**2 * gaussian.erf_maps(self.b, q1, q2, c, rho)[1]
 
     def pair_maps(self, q1, q2, c, rho, ntk):
-        nngp, derivative = gaussian.erf_maps(self.b, q1, q2, c, ntk is not None)
+        nngp, derivative = gaussian.erf_maps(self.b, q1, q2, c, rho, ntk is not None)
         # E[erf(b u)] = 0 (odd), so the shift only adds c^2.
         if self.a**2 != 1.0:
             nngp.mul_(self.a**2)
@@ -310,9 +306,9 @@ class Sin(Activation):
     """``phi(x) = a sin(b x + c)``; maps in :func:`gaussian.sin_moments`."""
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
-        self.a = check_finite_number(a, "a")
-        self.b = check_finite_number(b, "b")
-        self.c = check_finite_number(c, "c")
+        self.a = check_scale(a, "a")
+        self.b = check_scale(b, "b")
+        self.c = check_scale(c, "c")
 
     @property
     def _phase(self) -> float:
@@ -322,11 +318,11 @@ class Sin(Activation):
         return self.a * torch.sin(self.b * x + self._phase)
 
     def nngp_map(self, q1, q2, c, rho):
-        return self.a**2 * gaussian.sin_moments(self.b, self._phase, q1, q2, c)
+        return self.a**2 * gaussian.sin_moments(self.b, self._phase, q1, q2, rho)
 
     def derivative_map(self, q1, q2, c, rho):
         # phi'(x) = a b cos(b x + phase) = a b sin(b x + phase + pi/2)
-        moments = gaussian.sin_moments(self.b, self._phase + math.pi / 2, q1, q2, c)
+        moments = gaussian.sin_moments(self.b, self._phase + math.pi / 2, q1, q2, rho)
         return (self.a * self.b) ** 2 * moments
 
 
@@ -341,21 +337,22 @@ class Cos(Sin):
 class Rbf(Sin):
     """``phi(x) = sqrt(2) sin(sqrt(2 gamma) x + pi/4)``.
 
-    Its NNGP map is the RBF kernel ``exp(-gamma (q11 + q22 - 2 q12))`` of the
-    pre-activations (``sin_moments`` with ``cos(2 phase) = cos(pi/2) = 0``).
+    Its NNGP map is the RBF kernel ``exp(-gamma E[(u - v)^2])`` of the pre-activations
+    (``sin_moments`` with ``cos(2 phase) = cos(pi/2) = 0``; the distance from
+    :func:`gaussian.squared_distance`).
     """
 
     def __init__(self, gamma: float = 1.0) -> None:
-        self.gamma = check_nonnegative(gamma, "gamma")
+        self.gamma = check_scale(gamma, "gamma", nonnegative=True)
         super().__init__(math.sqrt(2.0), math.sqrt(2.0 * self.gamma), math.pi / 4)
 
     # The Sin maps with cos(2 phase) = cos(pi/2) = 0 and cos(2 phase + pi) = 0 exactly
     # (in floating point the cosine would leave an absolute error of about 6e-17).
     def nngp_map(self, q1, q2, c, rho):
-        return torch.exp(-self.gamma * (q1 + q2 - 2 * c))
+        return torch.exp(-self.gamma * gaussian.squared_distance(q1, q2, rho))
 
     def derivative_map(self, q1, q2, c, rho):
-        return 2 * self.gamma * torch.exp(-self.gamma * (q1 + q2 - 2 * c))
+        return 2 * self.gamma * self.nngp_map(q1, q2, c, rho)
 
     def __repr__(self) -> str:
         return f"Rbf(gamma={self.gamma!r})"
@@ -364,7 +361,7 @@ class Rbf(Sin):
 class GELU(Activation):
     """Gaussian error linear unit ``phi(x) = x Phi(x)`` (``approximate=False``).
 
-    The exact GELU has closed-form maps (:func:`gaussian.gelu_moments`). With
+    The exact GELU has closed-form maps (:func:`gaussian.gelu_maps`). With
     ``approximate=True`` the tanh approximation of PyTorch is used in the forward and
     its maps are computed by Gauss--Hermite quadrature (see :class:`Elementwise`).
     """
@@ -381,27 +378,54 @@ class GELU(Activation):
     def nngp_map(self, q1, q2, c, rho):
         if self._numerical is not None:
             return self._numerical.nngp_map(q1, q2, c, rho)
-        return gaussian.gelu_moments(q1, q2, c)
+        return gaussian.gelu_maps(q1, q2, c, rho, with_derivative=False)[0]
 
     def derivative_map(self, q1, q2, c, rho):
         if self._numerical is not None:
             return self._numerical.derivative_map(q1, q2, c, rho)
-        return gaussian.gelu_derivative_moments(q1, q2, c)
+        return gaussian.gelu_maps(q1, q2, c, rho)[1]
+
+    def pair_maps(self, q1, q2, c, rho, ntk):
+        if self._numerical is not None:
+            return super().pair_maps(q1, q2, c, rho, ntk)
+        nngp, derivative = gaussian.gelu_maps(q1, q2, c, rho, ntk is not None)
+        return nngp, None if ntk is None else derivative.mul_(ntk)
 
 
-def autograd_derivative(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """The elementwise derivative of ``fn`` by autograd (zero where ``fn`` is constant)."""
+class AutogradDerivative:
+    """The elementwise derivative of ``fn`` by autograd (zero where ``fn`` is constant).
 
-    def derivative(x: Tensor) -> Tensor:
+    A class rather than a closure so that activations holding it can be pickled (Dask
+    workers, ``multiprocessing``) whenever ``fn`` itself can.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, x: Tensor) -> Tensor:
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
-            out = fn(leaf)
+            out = self.fn(leaf)
             if not out.requires_grad:
                 return torch.zeros_like(x)
             (grad,) = torch.autograd.grad(out.sum(), leaf, allow_unused=True)
         return torch.zeros_like(x) if grad is None else grad
 
-    return derivative
+
+def checked_elementwise(fn: Callable[[Tensor], Tensor], x: Tensor, what: str) -> Tensor:
+    """``fn(x)``, refused with a clear error unless it is a floating tensor of ``x``'s shape
+    (the Gauss--Hermite rule evaluates ``fn`` on a grid of nodes and sums with weights)."""
+    out = fn(x)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{what} must return a tensor, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(
+            f"{what} must act elementwise: for an input of shape {tuple(x.shape)} it returned "
+            f"shape {tuple(out.shape)}"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"{what} must return a floating tensor, got {out.dtype}")
+    return out.to(x.dtype)
 
 
 class Elementwise(Activation):
@@ -440,21 +464,32 @@ class Elementwise(Activation):
         self.fn = fn
         self.fn_prime = fn_prime
         self.degree = None if degree is None else check_positive_int(degree, "degree")
-        self._derivative = fn_prime if fn_prime is not None else autograd_derivative(fn)
+        self._derivative = fn_prime if fn_prime is not None else AutogradDerivative(fn)
 
     def apply(self, x: Tensor) -> Tensor:
         return self.fn(x)
 
-    def _moments(self, fn, q1, q2, rho):
+    def _moments(self, fn, what, q1, q2, rho):
         high, low = torch.maximum(q1, q2), torch.minimum(q1, q2)
         degree = self.degree
         if degree is None:
             largest = max(float(high.max()), 1.0)
             degree = min(256, math.ceil(80 * math.sqrt(largest)))
-        return gaussian.quadrature_moments(fn, fn, high, low, rho, degree)
+
+        def checked(x: Tensor) -> Tensor:
+            return checked_elementwise(fn, x, f"Elementwise's {what}")
+
+        moments = gaussian.quadrature_moments(checked, checked, high, low, rho, degree)
+        if moments.numel() and not bool(torch.isfinite(moments).all()):
+            raise ValueError(
+                f"Elementwise's {what} returned NaN or inf at some Gauss-Hermite nodes "
+                f"(pre-activation variances up to {float(high.max()):.3g}); it must be "
+                "finite on the whole real line"
+            )
+        return moments
 
     def nngp_map(self, q1, q2, c, rho):
-        return self._moments(self.fn, q1, q2, rho)
+        return self._moments(self.fn, "fn", q1, q2, rho)
 
     def derivative_map(self, q1, q2, c, rho):
-        return self._moments(self._derivative, q1, q2, rho)
+        return self._moments(self._derivative, "fn_prime", q1, q2, rho)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..heap import keep_freed_temporaries
-from ..inputs import as_input_pair, parse_get
+from ..inputs import COMPUTE_DTYPES, as_input_pair, parse_get
 from ..kernel import Kernel, Kernels, Layout
 
 #: The state between layers: one kernel, or one per branch after ``FanOut``.
@@ -91,8 +91,11 @@ class Layer:
         names = parse_get(get)
         t1, t2 = as_input_pair(x1, x2)
         if dtype is not None:
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+            if dtype not in COMPUTE_DTYPES:
+                raise TypeError(
+                    "dtype must be a floating torch.dtype to compute in: torch.float32, "
+                    f"torch.float64 or None, got {dtype!r}"
+                )
             t1, t2 = t1.to(dtype), None if t2 is None else t2.to(dtype)
         keep_freed_temporaries()
         if t1.ndim > 5:
@@ -140,6 +143,7 @@ class Layer:
     ) -> dict[str, torch.Tensor]:
         """The requested kernels of one tile (``x2=None``: a symmetric diagonal tile)."""
         initial = Kernel.from_inputs(x1, x2, with_ntk="ntk" in names, paired=paired)
+        check_finite_inputs_kernel(initial, x1, x2)
         state = self.kernel_rule(initial)
         if not isinstance(state, Kernel):
             raise ValueError(
@@ -222,14 +226,45 @@ def _tiles(n1: int, n2: int, symmetric: bool, pairs: int) -> list[tuple[slice, s
     return [(r, c) for r in rows for c in cols]
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite, from one ``aminmax`` pass (NaN and inf propagate)."""
+    return not tensor.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
+
+
+def _wider_dtype_hint(dtype: torch.dtype) -> str:
+    return ", or compute in torch.float64" if dtype != torch.float64 else ""
+
+
+def check_finite_inputs_kernel(initial: Kernel, x1: torch.Tensor, x2: torch.Tensor | None) -> None:
+    """Raise a ``ValueError`` if the inputs' own second moments (the kernel before the first
+    layer) overflow their dtype: the inputs, not the network, are then too large."""
+    moments = (initial.nngp, initial.var1, initial.var2)
+    if all(_all_finite(m) for m in moments if m is not None):
+        return
+    largest = max(float(x.abs().max()) for x in (x1, x2) if x is not None)
+    raise ValueError(
+        f"the inputs' second moments overflow {x1.dtype}: inputs reach |x| = {largest:.3g}; "
+        f"rescale the inputs (e.g. standardise them){_wider_dtype_hint(x1.dtype)}"
+    )
+
+
 def check_finite_kernel(matrix: torch.Tensor, name: str) -> None:
-    """Raise a ``ValueError`` if the kernel ``name`` has an infinite or NaN entry."""
-    if matrix.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(matrix))).all()):
+    """Raise a ``ValueError`` if the kernel ``name`` has an infinite or NaN entry, saying
+    which: an overflow through the layers, or NaN produced by a layer's map."""
+    if _all_finite(matrix):
+        return
+    if bool(torch.isnan(matrix).any()):
         raise ValueError(
-            f"the {name.upper()} overflows {matrix.dtype}: the kernel grows beyond "
-            "the floating-point range through the layers (e.g. a deep network of "
-            "RectifiedMonomial(n >= 2) or large W_std); reduce W_std or the depth"
+            f"the {name.upper()} has NaN entries: a layer's map produced NaN (e.g. an "
+            "Elementwise function that returns NaN for some inputs, or inf - inf after an "
+            "overflow inside a layer)"
         )
+    raise ValueError(
+        f"the {name.upper()} overflows {matrix.dtype}: the kernel grows beyond the "
+        "floating-point range through the layers (e.g. a deep network of "
+        f"RectifiedMonomial(n >= 2) or large W_std); reduce W_std or the depth"
+        f"{_wider_dtype_hint(matrix.dtype)}"
+    )
 
 
 def standard_normal(

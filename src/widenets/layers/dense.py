@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..inputs import check_nonnegative, check_positive_int
+from ..inputs import check_positive_int, check_scale
 from ..kernel import Kernel, new_source
 from .base import KernelState, Layer, Shape, single_kernel, single_shape, standard_normal
 
@@ -47,8 +47,8 @@ class WeightedLayer(Layer):
         parameterization: str = "ntk",
     ) -> None:
         self.width = check_positive_int(width, "width")
-        self.W_std = check_nonnegative(W_std, "W_std")
-        b_std = check_nonnegative(b_std, "b_std", allow_none=True)
+        self.W_std = check_scale(W_std, "W_std", nonnegative=True)
+        b_std = None if b_std is None else check_scale(b_std, "b_std", nonnegative=True)
         self.b_std = None if b_std == 0 else b_std
         self.parameterization = check_parameterization(parameterization)
 
