@@ -1,6 +1,8 @@
 """``widenets kernel``: the matrix in the store equals ``net.kernel``; the same command
-resumes; ``.npy`` inputs; a mismatched store is refused with exit status 2; Ctrl-C
-keeps the finished tiles (exit status 130) and the next run computes only the rest."""
+resumes; ``.npy`` inputs; a mismatched store, a store another process is writing and
+inputs that are not one ``.npy`` array of the right shape are refused with exit status 2
+and a one-line message; Ctrl-C keeps the finished tiles (exit status 130) and the next
+run computes only the rest; a damaged tile is repaired by the same command."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch
 
 pytest.importorskip("zarr")
 pytest.importorskip("sklearn")
+
+from tests.test_tiles import FC, patient_local_cluster  # noqa: E402
 
 import widenets as wn  # noqa: E402
 from widenets import cli  # noqa: E402
@@ -179,10 +183,9 @@ def test_ctrl_c_keeps_finished_tiles_and_resumes(tmp_path, capsys, monkeypatch):
 
 
 def test_scheduler_runs_tiles_on_a_dask_cluster(tmp_path, capsys):
-    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("distributed")
     store = tmp_path / "k.zarr"
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                                  dashboard_address=":0") as cluster:
+    with patient_local_cluster(1, processes=False) as (cluster, _):
         assert run(store, "--scheduler", cluster.scheduler_address) == 0
     assert "dask: 1 workers" in capsys.readouterr().out
     net = cli.kernel_architecture("fc", 2, 1.5, 0.05, "relu")
@@ -198,3 +201,57 @@ def test_unreachable_scheduler_is_a_clean_error(tmp_path, capsys):
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         assert run(tmp_path / "k.zarr", "--scheduler", "tcp://127.0.0.1:9") == 1
     assert "cannot connect to the Dask scheduler" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("npz", "'x.npy' is a .npz archive, not a .npy array; save one array with "
+                "numpy.save"),
+        ("0-D", "--arch fc needs inputs (N, features), got shape ()"),
+        ("1-D", "--arch fc needs inputs (N, features), got shape (5,)"),
+    ],
+)
+def test_inputs_that_are_not_one_array_of_the_right_shape(content, message, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("x.npy", "wb") as file:  # np.save would add .npy to a .npz name anyway
+        if content == "npz":
+            np.savez(file, x=np.ones((3, 5)))
+        else:
+            np.save(file, np.ones(()) if content == "0-D" else np.ones(5))
+    assert cli.main(["kernel", "--data", "x.npy", "--store", "k.zarr", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"widenets kernel: error: --data: {message}\n"
+
+
+def test_a_store_being_written_is_refused(tmp_path, capsys):
+    store = tmp_path / "k.zarr"
+    job = tiles_module.prepare_kernel(FC, torch.ones(3, 4, dtype=torch.float64), store=store)
+    try:
+        assert run(store) == 2
+    finally:
+        job.close()
+    err = capsys.readouterr().err
+    assert err.startswith(f"widenets kernel: error: store {store} is being written by "
+                          "another process (pid ")
+    assert err.count("\n") == 1
+
+
+def test_a_damaged_tile_is_repaired_by_the_same_command(tmp_path, capsys, monkeypatch):
+    store = tmp_path / "k.zarr"
+    assert run(store) == 0
+    (store / "ntk" / "c" / "1" / "2").unlink()  # rows 16:32, columns 32:40
+    with pytest.raises(ValueError, match="rows 16:32, columns 32:40 is damaged"):
+        wn.load_kernel(store)
+    capsys.readouterr()
+    calls = counting(monkeypatch)
+    assert run(store) == 0
+    out = capsys.readouterr().out
+    assert "tiles already done: 6 of 6" in out and "computed 1 of 6 tiles" in out
+    assert "repaired 1 damaged tile " in out
+    assert calls == [tiles_module.Tile(16, 32, 32, 40)]
+    net = cli.kernel_architecture("fc", 2, 1.5, 0.05, "relu")
+    torch.testing.assert_close(wn.load_kernel(store),
+                               net.kernel(torch.from_numpy(digits(40)), None, get="ntk"),
+                               rtol=1e-12, atol=1e-13)

@@ -204,3 +204,91 @@ def test_memory_bounded_batches_give_the_same_kernel(implementation, monkeypatch
             # 3 row batches; x2=None: the columns right of the diagonal, 2 + 1 (the
             # diagonal block reuses its row batch); x2 given: 3 x 2.
             assert len(calls) == (3 + 2 + 1 if second is None else 3 + 3 * 2)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float64, 1e200), (torch.float32, 1e25)])
+def test_overflowing_kernel_raises(dtype, scale):
+    """A linear model's NTK is ``x1 . x2 + 1`` and its NNGP ``f(x1) f(x2)``: at these
+    scales both exceed the dtype's range. A clear error, never a kernel of inf."""
+    torch.manual_seed(14)
+    model = nn.Linear(3, 2).to(dtype)
+    x = inputs((3,), 4, seed=15).to(dtype) * scale
+    message = rf"overflows {dtype}.*rescale the inputs"
+    for implementation in IMPLEMENTATIONS:
+        for outputs in ("mean", "full"):
+            with pytest.raises(ValueError, match=message.replace("overflows", "NTK overflows")):
+                wn.empirical_ntk(model, x, outputs=outputs, implementation=implementation)
+    with pytest.raises(ValueError, match=message.replace("overflows", "NNGP overflows")):
+        wn.empirical_nngp(model, x, outputs="full")
+    with pytest.raises(ValueError, match=message):
+        wn.empirical_nngp(model, x, x[:2])
+    # Rescaled inputs are fine.
+    assert bool(torch.isfinite(wn.empirical_ntk(model, x / scale)).all())
+
+
+class _Returns(nn.Module):
+    """A linear layer whose output is passed through ``transform``."""
+
+    def __init__(self, transform) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3).to(DTYPE)
+        self.transform = transform
+
+    def forward(self, x: torch.Tensor):
+        return self.transform(self.linear(x))
+
+
+@pytest.mark.parametrize("kind, error, message", [
+    ("tuple", TypeError, r"must return a tensor \(N,\) or \(N, outputs\), got tuple"),
+    ("dict", TypeError, r"must return a tensor \(N,\) or \(N, outputs\), got dict"),
+    ("integer", TypeError, r"output must be a real floating tensor, got torch.int64"),
+    ("batch-summed", ValueError, r"one row per input example: got shape \(1, 3\) for"),
+    ("transposed", ValueError, r"one row per input example: got shape \(3, \d\) for"),
+])
+def test_model_outputs_other_than_a_batch_of_floats_are_refused(kind, error, message):
+    transforms = {
+        "tuple": lambda out: (out, out.sum()),
+        "dict": lambda out: {"logits": out},
+        "integer": lambda out: out.argmax(dim=1),
+        "batch-summed": lambda out: out.sum(dim=0, keepdim=True),
+        "transposed": lambda out: out.T,
+    }
+    model = _Returns(transforms[kind])
+    x = inputs((4,), 5, seed=16)
+    for implementation in IMPLEMENTATIONS:
+        with pytest.raises(error, match=message):
+            wn.empirical_ntk(model, x, implementation=implementation)
+    with pytest.raises(error, match=message):
+        wn.empirical_nngp(model, x)
+
+
+def test_the_models_own_hooks_are_kept_and_nothing_is_added():
+    """The kernels are computed on a private copy of the model's modules: the model's own
+    forward hooks still apply, here a method of the model multiplying the output by a
+    trainable gain ``g`` (so the NTK of ``g f`` is ``g^2 NTK_f + NNGP_f``: the hook must
+    read the gain being differentiated), and the call registers nothing on the model."""
+
+    class Gained(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+            self.gain = nn.Parameter(torch.tensor(2.0, dtype=DTYPE))
+            self.register_forward_hook(self.scale)
+
+        def scale(self, module, args, output):
+            return self.gain * output
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    model = Gained()
+    x = inputs((4,), 4, seed=17)
+    hooks = [(m, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
+    expected = 4 * wn.empirical_ntk(model.net, x) + wn.empirical_nngp(model.net, x)
+    for implementation in IMPLEMENTATIONS:
+        torch.testing.assert_close(wn.empirical_ntk(model, x, implementation=implementation),
+                                   expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(wn.empirical_nngp(model, x), 4 * wn.empirical_nngp(model.net, x),
+                               rtol=1e-12, atol=0)
+    for module, forward, pre in hooks:
+        assert module._forward_hooks == forward and module._forward_pre_hooks == pre

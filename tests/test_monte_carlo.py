@@ -328,3 +328,13 @@ def test_monte_carlo_with_x2_is_a_block_of_the_joint_estimate(kind):
     torch.testing.assert_close(joint, joint.T, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(estimate(X1, X2), joint[:N1, N1:], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(estimate(X1), joint[:N1, :N1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("get", ["ntk", "nngp", ("nngp", "ntk")])
+def test_monte_carlo_refuses_an_overflowing_kernel(get):
+    """Inputs of order 1e200: every twin's kernel overflows float64. A clear error, never
+    an average of infinities."""
+    net = wn.Linear(2)
+    with pytest.raises(ValueError, match=r"overflows torch.float64.*rescale the inputs"):
+        wn.monte_carlo_kernel(net, X1 * 1e200, get=get, n_samples=2,
+                              generator=torch.Generator().manual_seed(3))

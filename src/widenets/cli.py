@@ -383,15 +383,20 @@ def kernel_inputs(source: str, arch: str, n: int | None, option: str) -> np.ndar
         except (OSError, ValueError) as error:
             raise ValueError(f"{option}: cannot read {source!r} as a .npy array: {error}"
                              ) from None
+        if not isinstance(x, np.ndarray):  # np.load opens a .npz archive whatever its name
+            x.close()
+            raise ValueError(f"{option}: {source!r} is a .npz archive, not a .npy array; "
+                             "save one array with numpy.save")
         if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
             raise ValueError(f"{option}: {source!r} holds {x.dtype}, not real numbers")
-        x = np.ascontiguousarray(x, dtype=np.float64)
     wanted = 2 if arch == "fc" else 4
     if x.ndim != wanted:
         shape = "(N, features)" if arch == "fc" else "(N, C, H, W)"
         raise ValueError(f"{option}: --arch {arch} needs inputs {shape}, got shape {x.shape}")
     if len(x) == 0:
         raise ValueError(f"{option}: no examples in {source!r}")
+    # Converted only now: np.ascontiguousarray makes a 0-D array 1-D, hiding its shape.
+    x = np.ascontiguousarray(x, dtype=np.float64)
     return x if n is None else x[:n]
 
 
@@ -428,15 +433,21 @@ def run_kernel_command(args: argparse.Namespace) -> int:
     net = kernel_architecture(args.arch, args.depth, args.W_std, args.b_std, args.activation)
     memory_limit = None if args.memory_limit is None else int(args.memory_limit * 2**20)
     store = Path(args.store)
+    # One kernel by name gives a store that load_kernel reads as a tensor, as net.kernel.
+    get = args.get[0] if len(args.get) == 1 else args.get
     try:
-        # Opens (or creates) the store: a store of another computation is refused before
-        # anything is computed, and the finished tiles can be counted.
+        # Opens (or creates) and locks the store: a store of another computation, a folder
+        # that is not a store, a store being written by another process and an unfinished
+        # read-only store are refused before anything is computed.
         job = tiles.prepare_kernel(net, torch.from_numpy(x1),
                                    None if x2 is None else torch.from_numpy(x2),
-                                   get=args.get, tile=args.tile, store=store,
+                                   get=get, tile=args.tile, store=store,
                                    memory_limit=memory_limit)
     except ValueError as error:
         return usage_error(str(error))
+    except OSError as error:  # e.g. a folder of the store path that cannot be read
+        print(f"widenets kernel: {error}", file=sys.stderr)
+        return 1
     plan = job.plan
     done = len(job.finished())
     what = " and ".join(name.upper() for name in job.names)
@@ -470,16 +481,20 @@ def run_kernel_command(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: {kept} of {len(plan)} tiles are finished and kept in {store}; "
               "run the same command again to resume", file=sys.stderr)
         return 130
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # e.g. the store changed under us, a full disk
         print(f"widenets kernel: {error}", file=sys.stderr)
         return 1
     finally:
+        job.close()
         if client is not None:
             client.close()
     seconds = time.perf_counter() - start
-    computed = len(plan) - done
+    computed = len(plan) - done + len(job.repaired)
     print(f"computed {computed} of {len(plan)} tiles in {seconds:.2f} s")
-    print(f"{what} {n1} x {n2} float64 in {store} "
+    if job.repaired:
+        print(f"repaired {len(job.repaired)} damaged tile{'s' if len(job.repaired) != 1 else ''}"
+              " (their numbers no longer matched their checksums)")
+    print(f"{what} {n1} x {n2} {job.dtype} in {store} "
           f"(read it with widenets.load_kernel({str(store)!r}))")
     return 0
 

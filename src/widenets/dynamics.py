@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from .empirical import FORWARD_MODE_LOCK
 from .inputs import as_data_tensor, check_finite_number, check_nonnegative
 from .predict import _as_initial, _as_targets, _as_times, _restore
 
@@ -102,7 +103,9 @@ class _Loss:
             hess = np.zeros((n, o, n, o))
             hess[np.arange(n), :, np.arange(n), :] = blocks
             return hess.reshape(n * o, n * o)
-        return self._hess(torch.from_numpy(u)).reshape(n * o, n * o).numpy()
+        with FORWARD_MODE_LOCK:  # jacfwd is forward mode, whose state torch keeps global
+            hessian = self._hess(torch.from_numpy(u))
+        return hessian.reshape(n * o, n * o).numpy()
 
     def check(self, u: np.ndarray) -> None:
         """Evaluate the gradient once at ``u`` and explain what is wrong with it."""

@@ -68,6 +68,12 @@ def as_compute_dtype(tensor: torch.Tensor, name: str) -> torch.Tensor:
     )
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite, from one ``aminmax`` pass (NaN and inf
+    propagate into the extremes); true for an empty tensor."""
+    return not tensor.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
+
+
 def as_input_pair(
     x1: object, x2: object | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

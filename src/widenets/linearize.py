@@ -24,6 +24,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.utils._pytree import tree_map
 
+from .empirical import FORWARD_MODE_LOCK
+
 DEGREES = (1, 2)
 
 
@@ -67,6 +69,12 @@ class TaylorExpansion(nn.Module):
     used as they are: each forward passes copies of them, so a BatchNorm in training mode
     uses batch statistics but leaves the stored running statistics unchanged. Put BatchNorm
     layers in eval mode before expanding for a function of the parameters alone.
+
+    Thread-safe: several threads may evaluate (and differentiate) one expansion at the
+    same time. Each forward swaps the tensors into the private copy with
+    ``functional_call`` and evaluates ``torch.func.jvp``, whose forward-mode state torch
+    keeps process-wide; both happen under :data:`widenets.empirical.FORWARD_MODE_LOCK`, so
+    concurrent forwards (of any expansion) run one at a time; their backward passes do not.
     """
 
     def __init__(self, model: nn.Module, degree: int = 1) -> None:
@@ -125,11 +133,12 @@ class TaylorExpansion(nn.Module):
         def first_order(params):
             return jvp(f, (params,), (delta,))
 
-        if self.degree == 1:
-            out, d1 = first_order(w0)
-            return tree_map(torch.add, out, d1)
-        # Differentiating (f, J delta) along delta gives (J delta, d^2f[delta, delta]).
-        (out, d1), (_, d2) = jvp(first_order, (w0,), (delta,))
+        with FORWARD_MODE_LOCK:
+            if self.degree == 1:
+                out, d1 = first_order(w0)
+                return tree_map(torch.add, out, d1)
+            # Differentiating (f, J delta) along delta gives (J delta, d^2f[delta, delta]).
+            (out, d1), (_, d2) = jvp(first_order, (w0,), (delta,))
         return tree_map(lambda o, a, b: o + a + 0.5 * b, out, d1, d2)
 
     def extra_repr(self) -> str:
@@ -162,6 +171,8 @@ def linearize(model: nn.Module) -> TaylorExpansion:
     computes exactly ``model(x)``); train it with any torch optimizer. Computed with
     ``torch.func.jvp`` over ``torch.func.functional_call``, never materialising ``J``. The
     model is deep-copied and left unchanged: later changes to it do not move ``w0``.
-    Frozen parameters and buffers stay fixed. See :class:`TaylorExpansion`.
+    Frozen parameters and buffers stay fixed. Safe to call from several threads on one
+    model, and the result may be evaluated from several threads at once (see
+    :class:`TaylorExpansion`).
     """
     return TaylorExpansion(model, 1)

@@ -28,6 +28,11 @@ def monte_carlo_kernel(
     empirical NNGP is a product of outputs, so its noise is of order
     ``1 / sqrt(outputs * n_samples)`` whatever the width: estimate an NNGP with a wide
     read-out layer (many outputs) or many samples.
+
+    Safe to call from several threads on one ``net`` (``net`` is only read; each twin is
+    private to its call). Give each thread its own ``generator``: draws from a shared one
+    interleave in an unpredictable order. Raises ``ValueError`` if a twin's kernel
+    overflows the dtype (see :func:`~widenets.empirical.empirical_ntk`).
     """
     if not isinstance(net, Layer):
         raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")

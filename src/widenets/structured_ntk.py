@@ -163,7 +163,12 @@ def find_affine_layers(
 
 def with_forward_hooks(model: nn.Module, hooks: dict, run):
     """``run()`` with ``hooks[name]`` registered on ``model``'s submodule ``name``;
-    the hooks are always removed afterwards."""
+    the hooks are always removed afterwards.
+
+    ``model`` must be private to the caller (:func:`widenets.empirical.private_copy` of
+    the user's model): hooks registered on a module shared between threads would run in
+    every thread's forward passes.
+    """
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
     try:

@@ -8,13 +8,17 @@ computed and the others are their transposes.
 
 With ``store="path.zarr"`` every finished tile is also written to a Zarr group on disk
 (one chunk per tile, so no two tiles share a file), followed by a marker file in
-``path.zarr/done/`` that is created atomically (written under a temporary name, then
-renamed). A tile counts as finished only when its marker exists, so a process killed at
-any moment loses at most the tiles in flight: a half-written chunk has no marker and is
-recomputed. Running the same call again resumes. The group's attributes record what the
-numbers are (architecture, ``get``, a SHA-256 of the inputs, dtype, shape, tiles,
-widenets version); a store made for anything else is refused. :func:`load_kernel` reads
-a finished store back (Zarr arrays and JSON attributes: no pickle).
+``path.zarr/done/`` that records the SHA-256 of the tile's numbers and is created
+atomically (written under a temporary name, then renamed). A tile counts as finished
+only when its marker exists, so a process killed at any moment loses at most the tiles
+in flight: a half-written chunk has no marker and is recomputed. Running the same call
+again resumes, and recomputes any finished tile whose numbers no longer match its
+checksums. The group's attributes record what the numbers are (architecture, ``get``, a
+SHA-256 of the inputs, dtype, shape, tiles, widenets version); a store made for anything
+else is refused, and so is a folder holding anything widenets did not create. One
+process writes a store at a time (an OS lock, released if it dies). The store itself
+(layout, lock, identity checks, checksums) is :mod:`widenets.store`. :func:`load_kernel`
+reads a finished store back, verifying every tile (Zarr arrays and JSON: no pickle).
 
 With ``client=`` a ``dask.distributed.Client``, the tiles are computed as Dask tasks on
 the cluster's workers; this process writes the store and assembles the result, so the
@@ -24,21 +28,23 @@ store and resume behave the same, and the numbers are identical.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import operator
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .inputs import as_input_pair, parse_get
+from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
+from .store import DONE as DONE
+from .store import DamagedTileError, TileStore, stored_tile_sizes
+from .store import store_description as store_description
 
 #: Bytes per kernel entry of one tile's working set, per position pair: the moment
 #: tensors a layer holds at once (input and output NNGP, NTK, variances, temporaries).
@@ -47,8 +53,6 @@ WORKING_COPIES = 12
 MAX_TILE = 4096
 #: Fraction of the available memory used when ``memory_limit`` is not given.
 MEMORY_FRACTION = 0.5
-#: Name of the folder of finished-tile markers inside a store.
-DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -109,19 +113,28 @@ def auto_tile(
     return max(1, min(side, MAX_TILE, max(n1, n2)))
 
 
+def positive_count(value: object, name: str) -> int:
+    """``value`` as an int >= 1: a Python or NumPy integer or a 0-D integer tensor
+    (anything with ``__index__``), never a bool or a float. ``TypeError`` / ``ValueError``
+    naming ``name`` otherwise."""
+    if isinstance(value, (bool, np.bool_)) or (
+            isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.ndim != 0)):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}") from None
+    return check_positive_int(number, name)
+
+
 def _tile_sizes(tile: object, n1: int, n2: int, symmetric: bool) -> tuple[int, int]:
-    if isinstance(tile, bool):
+    if isinstance(tile, tuple) and len(tile) == 2:
+        sizes = (positive_count(tile[0], "tile rows"), positive_count(tile[1], "tile cols"))
+    elif isinstance(tile, (str, tuple, list, float)):
         raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
-    if isinstance(tile, int):
-        sizes = (tile, tile)
-    elif isinstance(tile, tuple) and len(tile) == 2 and all(
-        isinstance(s, int) and not isinstance(s, bool) for s in tile
-    ):
-        sizes = tile
     else:
-        raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
-    if min(sizes) < 1:
-        raise ValueError(f"tile sizes must be >= 1, got {tile!r}")
+        side = positive_count(tile, "tile")
+        sizes = (side, side)
     if symmetric and sizes[0] != sizes[1]:
         raise ValueError(f"with x2=None tiles must be square, got {tile!r}")
     return min(sizes[0], n1), min(sizes[1], n2)
@@ -168,73 +181,14 @@ def inputs_digest(x1: torch.Tensor, x2: torch.Tensor | None) -> str:
     return digest.hexdigest()
 
 
-class TileStore:
-    """A Zarr group holding one array per kernel, chunked by tile, with markers of the
-    finished tiles in ``done/``."""
-
-    def __init__(self, path: str | os.PathLike, identity: dict, n1: int, n2: int,
-                 rows: int, cols: int, names: tuple[str, ...], dtype: np.dtype) -> None:
-        import zarr
-
-        self.path = Path(path)
-        self.done = self.path / DONE
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"store {self.path} exists and is not a folder")
-        if (self.path.exists() and not (self.path / "zarr.json").exists()
-                and any(self.path.iterdir())):
-            raise ValueError(f"store {self.path} is a folder that is not a kernel store; "
-                             "use a new path")
-        self.group = zarr.open_group(str(self.path), mode="a")
-        # A store killed while being created has no attributes and no finished tile.
-        fresh = "widenets" not in self.group.attrs and not (
-            self.done.exists() and any(self.done.iterdir()))
-        if fresh:
-            for name in names:
-                self.group.create_array(name, shape=(n1, n2), chunks=(rows, cols),
-                                        dtype=dtype, fill_value=np.nan, overwrite=True)
-            self.group.attrs.update({"widenets": identity, "complete": False})
-        else:
-            self._check(identity)
-        self.done.mkdir(parents=True, exist_ok=True)
-
-    def _check(self, identity: dict) -> None:
-        stored = dict(self.group.attrs).get("widenets")
-        if stored is None:
-            raise ValueError(f"store {self.path} was not written by widenets.kernel_matrix")
-        for key, value in identity.items():
-            if key == "version":
-                continue
-            if stored.get(key) != value:
-                raise ValueError(
-                    f"store {self.path} holds a different computation: its {key} is "
-                    f"{stored.get(key)!r}, this call's is {value!r}; use another store path"
-                )
-
-    def finished(self) -> set[str]:
-        return {p.name for p in self.done.iterdir() if not p.name.startswith(".")}
-
-    def read(self, tile: Tile, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        return {name: self.group[name][tile.r0 : tile.r1, tile.c0 : tile.c1] for name in names}
-
-    def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:
-        """The tile's numbers, then its marker (atomically: a temporary file renamed)."""
-        for name, value in values.items():
-            self.group[name][tile.r0 : tile.r1, tile.c0 : tile.c1] = value
-        temporary = self.done / f".{tile.key}.{os.getpid()}"
-        temporary.write_text("1")
-        os.replace(temporary, self.done / tile.key)
-
-    def mark_complete(self) -> None:
-        self.group.attrs["complete"] = True
-
-
-def _identity(net: Layer, names, x1, x2, n1, n2, rows, cols, symmetric, dtype) -> dict:
+def _identity(net: Layer, names, x1, x2, n1, n2, rows, cols, symmetric, dtype,
+              single: bool) -> dict:
     from . import __version__
 
     return {
         "architecture": repr(net), "get": list(names), "inputs_sha256": inputs_digest(x1, x2),
         "dtype": str(dtype), "shape": [n1, n2], "tile": [rows, cols], "symmetric": symmetric,
-        "version": __version__,
+        "version": __version__, "returns": "tensor" if single else "Kernels",
     }
 
 
@@ -269,19 +223,38 @@ def copy_transposed(value: np.ndarray, out: np.ndarray, r0: int, c0: int) -> Non
             out[r0 + j : r0 + j + block.shape[1], c0 + i : c0 + i + block.shape[0]] = block.T
 
 
-def stored_tile_sizes(path: str | os.PathLike) -> tuple[int, int] | None:
-    """The tile sizes of an existing kernel store, or ``None`` if there is none."""
-    if not (Path(path) / "zarr.json").exists():
-        return None
-    import zarr
+def place_tile(out: dict[str, np.ndarray], tile: Tile, values: dict[str, np.ndarray],
+               symmetric: bool) -> None:
+    """Put a tile's numbers into the output (and, off the diagonal of a symmetric
+    matrix, their transpose into the mirrored tile)."""
+    for name, value in values.items():
+        out[name][tile.r0 : tile.r1, tile.c0 : tile.c1] = value
+        if symmetric and not tile.is_diagonal:
+            copy_transposed(value, out[name], tile.c0, tile.r0)
 
-    identity = dict(zarr.open_group(str(path), mode="r").attrs).get("widenets")
-    return None if identity is None else tuple(identity["tile"])
+
+def _result(out: dict[str, np.ndarray], single: bool) -> torch.Tensor | Kernels:
+    """The output as ``net.kernel`` gives it: a tensor for one kernel asked by name, else
+    :class:`Kernels`."""
+    result = {name: torch.from_numpy(value) for name, value in out.items()}
+    return next(iter(result.values())) if single else Kernels(**result)
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a torch dtype (``TypeError`` if NumPy has none, e.g.
+    ``bfloat16``: validated inputs are never in such a dtype)."""
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except TypeError:
+        raise TypeError(f"inputs of dtype {dtype} have no NumPy equivalent; convert them "
+                        "to float32 or float64") from None
 
 
 @dataclass
 class KernelJob:
-    """A kernel matrix to compute: its inputs, tiles and (opened, checked) store."""
+    """A kernel matrix to compute: its inputs, tiles and (opened, checked, locked)
+    store. ``single``: ``get`` named one kernel as a string, so the result is a tensor.
+    ``repaired``: the damaged finished tiles that :func:`compute_kernel` recomputed."""
 
     net: Layer
     names: tuple[str, ...]
@@ -291,6 +264,8 @@ class KernelJob:
     cols: int
     dtype: np.dtype
     store: TileStore | None
+    single: bool = False
+    repaired: list[Tile] = field(default_factory=list)
 
     @property
     def symmetric(self) -> bool:
@@ -305,8 +280,15 @@ class KernelJob:
         return plan_tiles(*self.shape, self.rows, self.cols, self.symmetric)
 
     def finished(self) -> set[str]:
-        """Keys of the tiles already in the store."""
+        """Keys of the tiles already in the store (their checksums are verified when
+        they are read)."""
         return set() if self.store is None else self.store.finished()
+
+    def close(self) -> None:
+        """Release the store's lock without computing (:func:`compute_kernel` releases
+        it when it returns or fails)."""
+        if self.store is not None:
+            self.store.close()
 
 
 def prepare_kernel(
@@ -319,21 +301,27 @@ def prepare_kernel(
     memory_limit: int | None = None,
 ) -> KernelJob:
     """Check the arguments of :func:`kernel_matrix`, choose its tiles and open its store
-    (refusing a store of another computation) without computing anything."""
+    without computing anything: a store of another computation, a folder holding
+    anything widenets did not create, a store another process is writing and an
+    unfinished read-only store are refused with a ``ValueError``. The store stays locked
+    against other writers until :func:`compute_kernel` returns (or :meth:`KernelJob.close`).
+    """
     if not isinstance(net, Layer):
         raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")
     names = parse_get(get)
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(
-            memory_limit, int) or memory_limit < 1):
-        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+    if memory_limit is not None:
+        memory_limit = positive_count(memory_limit, "memory_limit")
+    auto = isinstance(tile, str)
+    if auto and tile != "auto":
+        raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
     t1, t2 = as_input_pair(x1, x2)
     symmetric = t2 is None
     n1, n2 = t1.shape[0], t1.shape[0] if symmetric else t2.shape[0]
-    dtype = np.dtype(str(t1.dtype).replace("torch.", ""))
+    dtype = numpy_dtype(t1.dtype)
     stored_tile = None if store is None else stored_tile_sizes(store)
-    if tile == "auto" and stored_tile is not None:
+    if auto and stored_tile is not None:
         rows, cols = stored_tile  # resume with the store's tiles, whatever memory is free now
-    elif tile == "auto":
+    elif auto:
         side = auto_tile(net, n1, n2, tuple(t1.shape[1:]), len(names), dtype.itemsize,
                          memory_limit)
         rows, cols = min(side, n1), min(side, n2)
@@ -341,53 +329,65 @@ def prepare_kernel(
         rows, cols = _tile_sizes(tile, n1, n2, symmetric)
     if symmetric:
         rows = cols = min(rows, cols)
+    single = isinstance(get, str)
     tile_store = None
     if store is not None:
-        identity = _identity(net, names, t1, t2, n1, n2, rows, cols, symmetric, dtype)
+        identity = _identity(net, names, t1, t2, n1, n2, rows, cols, symmetric, dtype, single)
         tile_store = TileStore(store, identity, n1, n2, rows, cols, names, dtype)
-    return KernelJob(net, names, t1, t2, rows, cols, dtype, tile_store)
+    return KernelJob(net, names, t1, t2, rows, cols, dtype, tile_store, single)
 
 
 def compute_kernel(
     job: KernelJob, progress: bool = True, client: object | None = None
 ) -> torch.Tensor | Kernels:
-    """Compute a prepared kernel matrix: finished tiles are read from the store, the
-    others computed (here or on ``client``'s workers) and written to it."""
+    """Compute a prepared kernel matrix: finished tiles are read from the store and
+    verified against their checksums, the others (and damaged ones, listed in
+    ``job.repaired``) computed here or on ``client``'s workers and written to it. The
+    store's lock is released when this returns or fails."""
     names, symmetric, plan, tile_store = job.names, job.symmetric, job.plan, job.store
-    out = {name: np.empty(job.shape, dtype=job.dtype) for name in names}
-    finished = job.finished()
-
-    def place(tile: Tile, values: dict[str, np.ndarray]) -> None:
-        for name, value in values.items():
-            out[name][tile.r0 : tile.r1, tile.c0 : tile.c1] = value
-            if symmetric and not tile.is_diagonal:
-                copy_transposed(value, out[name], tile.c0, tile.r0)
-
-    todo = []
-    for t in plan:
-        if t.key in finished:
-            place(t, tile_store.read(t, names))
-        else:
-            todo.append(t)
-    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress,
-               desc="kernel tiles", unit="tile")
-    start, entries = time.perf_counter(), 0
+    if tile_store is not None and tile_store.closed:
+        raise ValueError(f"the store {tile_store.path} of this job was closed; call "
+                         "prepare_kernel again")
     try:
-        for t, values in _results(job.net, job.x1, job.x2, todo, names, client):
-            if tile_store is not None:
-                tile_store.write(t, values)
-            place(t, values)
-            entries += (t.r1 - t.r0) * (t.c1 - t.c0)
-            bar.update(1)
-            bar.set_postfix(entries_per_s=f"{entries / (time.perf_counter() - start):.3g}",
-                            refresh=False)
-            del values  # one tile in memory while the next is computed
+        out = {name: np.empty(job.shape, dtype=job.dtype) for name in names}
+        finished = job.finished()
+        todo, damaged = [], []
+        for t in plan:
+            if t.key not in finished:
+                todo.append(t)
+                continue
+            try:
+                place_tile(out, t, tile_store.read(t, names), symmetric)
+            except DamagedTileError as damage:
+                if tile_store.read_only:
+                    raise ValueError(f"{damage}; but the store is read-only "
+                                     f"({tile_store.read_only_reason})") from None
+                damaged.append(t)
+                todo.append(t)
+        if todo and tile_store is not None:
+            tile_store.prepare_writes(damaged)
+        job.repaired = damaged
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress,
+                   desc="kernel tiles", unit="tile")
+        start, entries = time.perf_counter(), 0
+        try:
+            for t, values in _results(job.net, job.x1, job.x2, todo, names, client):
+                if tile_store is not None:
+                    tile_store.write(t, values)
+                place_tile(out, t, values, symmetric)
+                entries += (t.r1 - t.r0) * (t.c1 - t.c0)
+                bar.update(1)
+                bar.set_postfix(entries_per_s=f"{entries / (time.perf_counter() - start):.3g}",
+                                refresh=False)
+                del values  # one tile in memory while the next is computed
+        finally:
+            bar.close()
+        if tile_store is not None:
+            tile_store.mark_complete()
     finally:
-        bar.close()
-    if tile_store is not None:
-        tile_store.mark_complete()
-    result = {name: torch.from_numpy(value) for name, value in out.items()}
-    return result[names[0]] if len(names) == 1 else Kernels(**result)
+        if tile_store is not None:
+            tile_store.close()
+    return _result(out, job.single)
 
 
 def kernel_matrix(
@@ -407,16 +407,21 @@ def kernel_matrix(
         net: the architecture.
         x1, x2: inputs as for ``net.kernel``; ``x2=None`` means ``x1`` and computes only
             the tiles on and above the diagonal.
-        get: ``"nngp"``, ``"ntk"`` or a tuple of them (then a :class:`Kernels`).
+        get: ``"nngp"`` or ``"ntk"`` (then a tensor), or a tuple or list of them (then a
+            :class:`Kernels`), as for ``net.kernel``.
         tile: ``"auto"`` (from ``memory_limit`` and the architecture's numbers per pair,
             see :func:`auto_tile`; an existing store's tiles when resuming), a side, or
-            ``(rows, cols)``; need not divide N.
+            ``(rows, cols)`` (integers: Python, NumPy or 0-D tensors); need not divide N.
         store: a folder (``.zarr``) where finished tiles are kept; the same call again
-            resumes. A store of another computation is refused with a ``ValueError``.
+            resumes, and recomputes finished tiles that fail their checksums. Refused
+            with a ``ValueError``: a store of another computation, a folder holding
+            anything widenets did not create, a store another process is writing, an
+            unfinished store that cannot be written. A complete store that cannot be
+            written is read without writing.
         progress: a tqdm bar over tiles, with entries per second and time left.
         client: a ``dask.distributed.Client``; tiles become tasks on its workers.
         memory_limit: bytes for the output plus one tile's working set (default: half
-            the available memory).
+            the available memory); an integer.
 
     Returns a CPU tensor ``(N1, N2)`` in the inputs' dtype (or :class:`Kernels`). The
     same as :func:`compute_kernel` of :func:`prepare_kernel`.
@@ -426,34 +431,22 @@ def kernel_matrix(
 
 
 def load_kernel(path: str | os.PathLike) -> torch.Tensor | Kernels:
-    """A finished kernel store of :func:`kernel_matrix` as a CPU tensor (or
-    :class:`Kernels`); refuses an unfinished one."""
-    import zarr
+    """A finished kernel store of :func:`kernel_matrix` as a CPU tensor or :class:`Kernels`,
+    in the form of the call that created it: a tensor if its ``get`` was one name as a
+    string, :class:`Kernels` if it was a tuple or list (stores of widenets versions that
+    did not record this: a tensor for one kernel, else :class:`Kernels`).
 
-    path = Path(path)
-    if not (path / "zarr.json").exists():
-        raise ValueError(f"{path} is not a kernel store (no zarr.json)")
-    group = zarr.open_group(str(path), mode="r")
-    attrs = dict(group.attrs)
-    identity = attrs.get("widenets")
-    if identity is None:
-        raise ValueError(f"store {path} was not written by widenets.kernel_matrix")
-    if not attrs.get("complete"):
-        raise ValueError(f"store {path} is unfinished; run the same kernel_matrix call again "
-                         "to complete it")
-    names = tuple(identity["get"])
-    values = {}
-    for name in names:
-        value = group[name][:]
-        if identity["symmetric"]:
-            lower = np.tril_indices(value.shape[0], -1)
-            value[lower] = value.T[lower]
-        values[name] = torch.from_numpy(value)
-    return values[names[0]] if len(names) == 1 else Kernels(**values)
-
-
-def store_description(path: str | os.PathLike) -> dict:
-    """What a store holds (its widenets attributes), as a dict for display."""
-    import zarr
-
-    return json.loads(json.dumps(dict(zarr.open_group(str(path), mode="r").attrs)))
+    Every tile is verified against the checksums recorded when it was written; a damaged
+    one raises a ``ValueError`` naming it (running the same ``kernel_matrix`` call again
+    repairs it). An unfinished store, a path that is not a kernel store and a store
+    whose metadata is broken raise a ``ValueError`` naming the path.
+    """
+    tile_store = TileStore.open_finished(path)
+    identity = tile_store.identity
+    (n1, n2), (rows, cols) = identity["shape"], identity["tile"]
+    symmetric, names = identity["symmetric"], tile_store.names
+    out = {name: np.empty((n1, n2), dtype=tile_store.dtype) for name in names}
+    for t in plan_tiles(n1, n2, rows, cols, symmetric):
+        place_tile(out, t, tile_store.read(t, names), symmetric)
+    returns = identity.get("returns")
+    return _result(out, len(names) == 1 if returns is None else returns == "tensor")

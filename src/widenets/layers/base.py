@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..heap import keep_freed_temporaries
-from ..inputs import COMPUTE_DTYPES, as_input_pair, parse_get
+from ..inputs import COMPUTE_DTYPES, all_finite, as_input_pair, parse_get
 from ..kernel import Kernel, Kernels, Layout
 
 #: The state between layers: one kernel, or one per branch after ``FanOut``.
@@ -226,11 +226,6 @@ def _tiles(n1: int, n2: int, symmetric: bool, pairs: int) -> list[tuple[slice, s
     return [(r, c) for r in rows for c in cols]
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every entry is finite, from one ``aminmax`` pass (NaN and inf propagate)."""
-    return not tensor.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
-
-
 def _wider_dtype_hint(dtype: torch.dtype) -> str:
     return ", or compute in torch.float64" if dtype != torch.float64 else ""
 
@@ -239,7 +234,7 @@ def check_finite_inputs_kernel(initial: Kernel, x1: torch.Tensor, x2: torch.Tens
     """Raise a ``ValueError`` if the inputs' own second moments (the kernel before the first
     layer) overflow their dtype: the inputs, not the network, are then too large."""
     moments = (initial.nngp, initial.var1, initial.var2)
-    if all(_all_finite(m) for m in moments if m is not None):
+    if all(all_finite(m) for m in moments if m is not None):
         return
     largest = max(float(x.abs().max()) for x in (x1, x2) if x is not None)
     raise ValueError(
@@ -249,19 +244,17 @@ def check_finite_inputs_kernel(initial: Kernel, x1: torch.Tensor, x2: torch.Tens
 
 
 def check_finite_kernel(matrix: torch.Tensor, name: str) -> None:
-    """Raise a ``ValueError`` if the kernel ``name`` has an infinite or NaN entry, saying
-    which: an overflow through the layers, or NaN produced by a layer's map."""
-    if _all_finite(matrix):
+    """Raise a ``ValueError`` if the kernel ``name`` has an infinite or NaN entry.
+
+    With finite inputs (checked first, :func:`check_finite_inputs_kernel`) and closed-form
+    maps, inf and NaN arise only from an overflow through the layers (NaN as ``inf - inf``
+    or ``0 * inf``); ``Elementwise`` reports NaN from its own function itself.
+    """
+    if all_finite(matrix):
         return
-    if bool(torch.isnan(matrix).any()):
-        raise ValueError(
-            f"the {name.upper()} has NaN entries: a layer's map produced NaN (e.g. an "
-            "Elementwise function that returns NaN for some inputs, or inf - inf after an "
-            "overflow inside a layer)"
-        )
     raise ValueError(
-        f"the {name.upper()} overflows {matrix.dtype}: the kernel grows beyond the "
-        "floating-point range through the layers (e.g. a deep network of "
+        f"the {name.upper()} overflows {matrix.dtype} (inf or NaN entries): the kernel "
+        "grows beyond the floating-point range through the layers (e.g. a deep network of "
         f"RectifiedMonomial(n >= 2) or large W_std); reduce W_std or the depth"
         f"{_wider_dtype_hint(matrix.dtype)}"
     )
