@@ -1,4 +1,4 @@
-"""The named speed workloads (issue 7), described without any library.
+"""The named speed workloads, described without any library.
 
 Each workload is NNGP + NTK of one architecture on one set of inputs, ``x2=None``,
 float64. The descriptions are plain data so that the widenets benchmark and the Neural
@@ -44,18 +44,10 @@ def inputs(name: str) -> np.ndarray:
 
 
 def widenets_net(name: str):
-    """The widenets architecture of workload ``name``."""
-    import widenets as wn
+    """The widenets architecture of workload ``name`` (from :mod:`widenets.architectures`)."""
+    from widenets.architectures import cnn, mlp
 
     spec = WORKLOADS[name]
-    activation = {"relu": wn.ReLU, "erf": wn.Erf}[spec["activation"]]
-    layers = []
-    for _ in range(spec["depth"]):
-        if spec["kind"] == "fc":
-            layers.append(wn.Linear(64, W_std=W_STD, b_std=B_STD))
-        else:
-            layers.append(wn.Conv2d(64, 3, padding="same", W_std=W_STD, b_std=B_STD))
-        layers.append(activation())
-    if spec["kind"] == "cnn":
-        layers.append(wn.Flatten() if spec["readout"] == "flatten" else wn.GlobalAvgPool())
-    return wn.Sequential(*layers, wn.Linear(1, W_std=W_STD, b_std=B_STD))
+    if spec["kind"] == "fc":
+        return mlp(spec["depth"], spec["activation"], 64, W_STD, B_STD)
+    return cnn(spec["depth"], spec["activation"], 64, spec["readout"], W_STD, B_STD)

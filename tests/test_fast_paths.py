@@ -15,10 +15,10 @@ import itertools
 
 import pytest
 import torch
-from tests.conftest import random_inputs
-from tests.test_identities import ACTIVATIONS, mlp
 
 import widenets as wn
+from tests.conftest import random_inputs
+from tests.layers.test_identities import ACTIVATIONS, mlp
 from widenets.layers import base
 from widenets.paths import fast_paths_enabled, straightforward
 from widenets.spatial import pad_axis, padded_window_mean, padding, window_mean

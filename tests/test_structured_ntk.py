@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import widenets as wn
-from test_empirical import (
+from tests.test_empirical import (
     DTYPE,
     assert_unchanged,
     explicit_jacobian,

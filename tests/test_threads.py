@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import widenets as wn
-from test_empirical import DTYPE, IMPLEMENTATIONS, MODELS, assert_unchanged, inputs, snapshot
+from tests.test_empirical import DTYPE, IMPLEMENTATIONS, MODELS, assert_unchanged, inputs, snapshot
 from widenets.linearize import taylor_expand
 
 N_THREADS = 8

@@ -5,7 +5,7 @@ Exact NNGP and NTK kernels of an architecture, its finite-width twin as a
 any module, and the predictions of the infinitely wide network.
 """
 
-from . import experiments, predict
+from . import predict
 from .empirical import empirical_nngp, empirical_ntk
 from .kernel import Kernel, Kernels
 from .layers import (
@@ -45,8 +45,7 @@ from .layers import (
 from .linearize import TaylorExpansion, linearize, taylor_expand
 from .monte_carlo import monte_carlo_kernel
 from .tiles import kernel_matrix, load_kernel
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ABReLU", "Abs", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Conv1d", "Conv2d", "Conv3d",
@@ -58,9 +57,10 @@ __all__ = [
     "TaylorExpansion", "linearize", "taylor_expand",
 ]
 
-#: Submodules that need optional dependencies (scikit-learn, matplotlib): imported on
-#: first use, so ``import widenets`` does not need them.
-_OPTIONAL_SUBMODULES = ("sklearn", "plot")
+#: Submodules imported on first use: those that need optional dependencies
+#: (scikit-learn, matplotlib), and the lazy-training experiment (an application, see
+#: :mod:`widenets.apps`), so that ``import widenets`` needs and imports none of them.
+_OPTIONAL_SUBMODULES = ("sklearn", "plot", "experiments")
 
 
 def __getattr__(name: str):

@@ -22,16 +22,8 @@ import numpy as np
 import torch
 
 from .inputs import as_data_tensor, check_nonnegative
-from .predict import (
-    KernelSource,
-    _check_get,
-    _Kernels,
-    _spectral_filters,
-    _Spectrum,
-    _training_data,
-    gp_inference,
-    gradient_descent_mse_ensemble,
-)
+from .predict import KernelSource, gp_inference, gradient_descent_mse_ensemble
+from .predict.common import Spectrum, TrainingKernels, check_get, spectral_filters, training_data
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -143,9 +135,9 @@ def expected_losses(
     are cheap, where the full covariances would cost ``O(N^3)`` per time.
     """
     t = _times_tensor(times)
-    name = _check_get(get)
-    kernels = _Kernels(net_or_kernels)
-    xt, y_tr, is_vector = _training_data(x_train, y_train)
+    name = check_get(get)
+    kernels = TrainingKernels(net_or_kernels)
+    xt, y_tr, is_vector = training_data(x_train, y_train)
     y_te = _targets(y_test, "y_test")
     if y_te.shape[1] != y_tr.shape[1]:
         raise ValueError(f"y_test must have {y_tr.shape[1]} outputs like y_train, "
@@ -154,10 +146,10 @@ def expected_losses(
     reg = check_nonnegative(diag_reg, "diag_reg")
     names = tuple(dict.fromkeys((name, "nngp")))
     k_train = kernels.train(xt, names)
-    spectrum = _Spectrum(k_train[name], reg, f"the training {name.upper()} kernel")
+    spectrum = Spectrum(k_train[name], reg, f"the training {name.upper()} kernel")
     vectors = spectrum.vectors
     device = vectors.device
-    _, gain = _spectral_filters(spectrum.values, lr, t.to(device), False)  # (T, N)
+    _, gain = spectral_filters(spectrum.values, lr, t.to(device), False)  # (T, N)
     projected_y = vectors.T @ y_tr.to(device)
     b = vectors.T @ k_train["nngp"].to(device) @ vectors
     results: dict[str, Tensor] = {}

@@ -35,21 +35,12 @@ except ImportError:  # scikit-learn < 1.6
         return estimator._validate_data(*args, **kwargs)
 
 
-from .layers import GELU, Abs, Erf, Identity, LeakyReLU, Linear, ReLU, Sequential
+from .architectures import ACTIVATIONS, mlp
 from .layers.base import Layer
 from .predict import gradient_descent_mse_ensemble
 
 __all__ = ["ACTIVATIONS", "KernelClassifier", "KernelRegressor", "largest_gaussian_probabilities"]
 
-#: Activation names accepted by the estimators, each with a closed-form kernel.
-ACTIVATIONS: dict[str, type[Layer]] = {
-    "relu": ReLU,
-    "leaky_relu": LeakyReLU,  # negative_slope=0.01, as torch.nn.LeakyReLU
-    "abs": Abs,
-    "erf": Erf,
-    "gelu": GELU,  # exact GELU, x Phi(x)
-    "identity": Identity,  # a linear network: Bayesian linear regression
-}
 
 KERNELS = ("nngp", "ntk")
 
@@ -129,14 +120,7 @@ class _WideNetwork(BaseEstimator):
     def _network(self, params: dict[str, Any]) -> Layer:
         if self.architecture is not None:
             return self.architecture
-        layers: list[Layer] = []
-        for _ in range(params["depth"]):
-            activation = self.activation
-            if isinstance(activation, str):
-                activation = ACTIVATIONS[activation]()
-            layers += [Linear(1, params["w_std"], params["b_std"]), activation]
-        layers.append(Linear(1, params["w_std"], params["b_std"]))
-        return Sequential(*layers)
+        return mlp(params["depth"], self.activation, 1, params["w_std"], params["b_std"])
 
     # ------------------------------------------------------------------ fitting
     def _fit_targets(self, X: np.ndarray, targets: np.ndarray, params: dict[str, Any]) -> None:

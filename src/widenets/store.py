@@ -33,14 +33,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .inputs import KERNEL_NAMES
-
-if TYPE_CHECKING:
-    from .tiles import Tile
+from .tiling import Tile
 
 #: Folder of finished-tile markers inside a store.
 DONE = "done"

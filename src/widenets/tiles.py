@@ -45,6 +45,7 @@ from .layers.base import Layer
 from .store import DONE as DONE
 from .store import DamagedTileError, TileStore, stored_tile_sizes
 from .store import store_description as store_description
+from .tiling import Tile, plan_tiles
 
 #: Bytes per kernel entry of one tile's working set, per position pair: the moment
 #: tensors a layer holds at once (input and output NNGP, NTK, variances, temporaries).
@@ -53,24 +54,6 @@ WORKING_COPIES = 12
 MAX_TILE = 4096
 #: Fraction of the available memory used when ``memory_limit`` is not given.
 MEMORY_FRACTION = 0.5
-
-
-@dataclass(frozen=True)
-class Tile:
-    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the kernel matrix."""
-
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.r0}-{self.c0}"
-
-    @property
-    def is_diagonal(self) -> bool:
-        return self.r0 == self.c0
 
 
 def available_memory() -> int:
@@ -140,16 +123,6 @@ def _tile_sizes(tile: object, n1: int, n2: int, symmetric: bool) -> tuple[int, i
     return min(sizes[0], n1), min(sizes[1], n2)
 
 
-def plan_tiles(n1: int, n2: int, rows: int, cols: int, symmetric: bool) -> list[Tile]:
-    """The tiles to compute, row by row (only on and above the diagonal if symmetric)."""
-    return [
-        Tile(r0, min(r0 + rows, n1), c0, min(c0 + cols, n2))
-        for r0 in range(0, n1, rows)
-        for c0 in range(0, n2, cols)
-        if not symmetric or c0 >= r0
-    ]
-
-
 def compute_tile(
     net: Layer, x1: torch.Tensor, x2: torch.Tensor | None, tile: Tile, names: tuple[str, ...]
 ) -> dict[str, np.ndarray]:
@@ -183,7 +156,7 @@ def inputs_digest(x1: torch.Tensor, x2: torch.Tensor | None) -> str:
 
 def _identity(net: Layer, names, x1, x2, n1, n2, rows, cols, symmetric, dtype,
               single: bool) -> dict:
-    from . import __version__
+    from .version import __version__
 
     return {
         "architecture": repr(net), "get": list(names), "inputs_sha256": inputs_digest(x1, x2),

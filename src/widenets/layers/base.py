@@ -11,6 +11,7 @@ from torch import nn
 from ..heap import keep_freed_temporaries
 from ..inputs import COMPUTE_DTYPES, all_finite, as_input_pair, parse_get
 from ..kernel import Kernel, Kernels, Layout
+from ..tiling import plan_tiles
 
 #: The state between layers: one kernel, or one per branch after ``FanOut``.
 KernelState = Union[Kernel, tuple["KernelState", ...]]
@@ -112,8 +113,10 @@ class Layer:
         }
         budget = SPATIAL_TILE_ENTRIES if layout.sizes else TILE_ENTRIES
         pairs_per_tile = max(1, budget // layout.positions_per_pair)
-        for rows, cols in _tiles(t1.shape[0], second.shape[0], t2 is None, pairs_per_tile):
-            diagonal = t2 is None and rows == cols
+        side = max(1, math.isqrt(pairs_per_tile))
+        for tile in plan_tiles(t1.shape[0], second.shape[0], side, side, t2 is None):
+            rows, cols = tile.rows, tile.cols
+            diagonal = t2 is None and tile.is_diagonal
             block = self._kernel_block(t1[rows], None if diagonal else second[cols], names,
                                        paired)
             for name in names:
@@ -213,17 +216,6 @@ TILE_ENTRIES = 1 << 18
 #: 1.4 times faster than 2^17 on the pooled CNN and as fast on the Flatten CNN.
 SPATIAL_TILE_ENTRIES = 1 << 19
 SPATIAL_CHOICES = ("auto", "full", "diagonal")
-
-
-def _tiles(n1: int, n2: int, symmetric: bool, pairs: int) -> list[tuple[slice, slice]]:
-    """Row and column slices covering an ``n1 x n2`` kernel in tiles of about ``pairs``
-    pairs (only the upper triangle of tiles if symmetric)."""
-    side = max(1, math.isqrt(pairs))
-    rows = [slice(i, min(i + side, n1)) for i in range(0, n1, side)]
-    cols = [slice(j, min(j + side, n2)) for j in range(0, n2, side)]
-    if symmetric:
-        return [(r, c) for i, r in enumerate(rows) for c in cols[i:]]
-    return [(r, c) for r in rows for c in cols]
 
 
 def _wider_dtype_hint(dtype: torch.dtype) -> str:

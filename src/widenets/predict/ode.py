@@ -54,9 +54,15 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from .empirical import FORWARD_MODE_LOCK
-from .inputs import as_data_tensor, check_finite_number, check_nonnegative
-from .predict import _as_initial, _as_targets, _as_times, _restore
+from ..empirical import FORWARD_MODE_LOCK
+from ..inputs import as_data_tensor, check_finite_number, check_nonnegative
+from .common import (
+    as_initial,
+    as_targets,
+    as_times,
+    check_positive_semidefinite,
+    restore_shape,
+)
 
 Tensor = torch.Tensor
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -175,7 +181,7 @@ class _Setup:
             raise ValueError(f"k_train_train must be square (N, N), got {tuple(k.shape)}")
         self.device = k.device
         k = k.detach().to("cpu", torch.float64)
-        y, self.is_vector = _as_targets(y_train, k.shape[0])
+        y, self.is_vector = as_targets(y_train, k.shape[0])
         self.y = y.detach().to("cpu", torch.float64)
         self.lr = check_nonnegative(learning_rate, "learning_rate")
         reg = check_nonnegative(diag_reg, "diag_reg")
@@ -185,13 +191,7 @@ class _Setup:
         self.rtol = _check_tolerance(rtol, "rtol")
         self.atol = _check_tolerance(atol, "atol")
         k = 0.5 * (k + k.T) + reg * torch.eye(k.shape[0], dtype=k.dtype)
-        eigenvalues = torch.linalg.eigvalsh(k)
-        scale = float(eigenvalues.abs().max())
-        if float(eigenvalues.min()) < -10 * max(k.shape[0] * 2.2e-16 * scale, 1e-12 * scale):
-            raise ValueError(
-                "k_train_train is not positive semi-definite (smallest eigenvalue "
-                f"{float(eigenvalues.min()):.3g}); pass diag_reg > 0"
-            )
+        check_positive_semidefinite(torch.linalg.eigvalsh(k), "k_train_train")
         self.k = k.numpy()
         self.loss = _as_loss(loss_fn, self.y, self.is_vector)
 
@@ -202,7 +202,7 @@ class _Setup:
                 "not converge (with cross-entropy they grow without bound); pass a large "
                 "finite t instead, or use predict.gradient_descent_mse for the MSE limit"
             )
-        times, scalar = _as_times(t)
+        times, scalar = as_times(t)
         if bool(torch.isinf(times).any()):
             raise ValueError(f"t must be finite for a general loss (pass a large t), got {t!r}")
         return times.numpy(), scalar
@@ -212,7 +212,7 @@ class _Setup:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(u_0, f_test_0, A)`` with ``A = [T; k_test_train]`` stacked, ``(N + M, N)``."""
         n, o = self.y.shape
-        u0 = _as_initial(fx_train_0, (n, o), "fx_train_0").numpy()
+        u0 = as_initial(fx_train_0, (n, o), "fx_train_0").numpy()
         if k_test_train is None:
             if fx_test_0 is not None:
                 raise ValueError("fx_test_0 was given without k_test_train")
@@ -222,7 +222,7 @@ class _Setup:
             raise ValueError(f"k_test_train must be (M, {n}), got {tuple(kx.shape)}")
         shape = (kx.shape[0], o)
         ft0 = np.zeros(shape) if fx_test_0 is None else \
-            _as_initial(fx_test_0, shape, "fx_test_0").numpy()
+            as_initial(fx_test_0, shape, "fx_test_0").numpy()
         return u0, ft0, np.concatenate([self.k, kx.numpy()])
 
     def solve(
@@ -260,10 +260,10 @@ class _Setup:
         values = values.reshape(len(states), -1, o).to(self.device)
         if scalar:
             values = values[0]
-        fx_train = _restore(values[..., :n, :], self.is_vector)
+        fx_train = restore_shape(values[..., :n, :], self.is_vector)
         if n_test is None:
             return fx_train, None
-        return fx_train, _restore(values[..., n:, :], self.is_vector)
+        return fx_train, restore_shape(values[..., n:, :], self.is_vector)
 
 
 def gradient_descent(

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import widenets as wn
-from test_monte_carlo import (
+from tests.test_monte_carlo import (
     _one_thread,  # noqa: F401  (the autouse one-thread fixture)
     check_build_is_reproducible,
     relative_error,

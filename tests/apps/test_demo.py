@@ -10,8 +10,11 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from widenets import cli  # noqa: E402
-from widenets.demo import architecture, cnn_architecture, load_data, run_demo  # noqa: E402
+from widenets.apps import cli  # noqa: E402
+from widenets.apps.demo import run_demo  # noqa: E402
+from widenets.architectures import demo_cnn as cnn_architecture  # noqa: E402
+from widenets.architectures import demo_mlp as architecture  # noqa: E402
+from widenets.datasets import load_digits as load_data  # noqa: E402
 
 SMALL = {"widths": (32, 512), "steps": 30, "n_train": 200, "n_test": 200, "seed": 0,
          "cnn_n_train": 100, "cnn_n_test": 100}
@@ -55,7 +58,7 @@ def test_architecture_builds_twin_of_given_width():
 def test_kernel_cache_computes_each_pair_once():
     import torch
 
-    from widenets.demo import KernelCache
+    from widenets.apps.demo import KernelCache
     from widenets.predict import gp_inference
 
     data = load_data(n_train=20, n_test=10)

@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.test_tiles import FC, data, kill, start_blocked_writer
 
 import widenets as wn
-from widenets import cli
+from tests.test_tiles import FC, data, kill, start_blocked_writer
 from widenets import store as store_module
 from widenets import tiles as tiles_module
+from widenets.apps import cli
 
 zarr = pytest.importorskip("zarr")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import random_inputs
 
 import widenets as wn
+from tests.conftest import random_inputs
 
 X1, X2 = random_inputs(5, 6, seed=11), random_inputs(4, 6, seed=12)
 HIDDEN = wn.Sequential(wn.Linear(16, 1.3, 0.2), wn.ReLU())

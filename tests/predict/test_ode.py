@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import widenets as wn
-from widenets import dynamics
+from widenets.predict import ode as dynamics
 
 NET = wn.Sequential(wn.Linear(32, 1.5, 0.1), wn.Erf(), wn.Linear(32, 1.2, 0.1), wn.ReLU(),
                     wn.Linear(1, 1.0, 0.1))
@@ -319,7 +319,7 @@ def test_loss_gradient_and_hessian_match_finite_differences(loss):
 
 def test_exposed_in_predict():
     import widenets as wn
-    from widenets import dynamics
+    from widenets.predict import ode as dynamics
 
     assert wn.predict.gradient_descent is dynamics.gradient_descent
     assert wn.predict.gradient_descent_momentum is dynamics.gradient_descent_momentum

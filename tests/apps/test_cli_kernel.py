@@ -13,11 +13,10 @@ import torch
 pytest.importorskip("zarr")
 pytest.importorskip("sklearn")
 
-from tests.test_tiles import FC, patient_local_cluster  # noqa: E402
-
 import widenets as wn  # noqa: E402
-from widenets import cli  # noqa: E402
+from tests.test_tiles import FC, patient_local_cluster  # noqa: E402
 from widenets import tiles as tiles_module  # noqa: E402
+from widenets.apps import cli  # noqa: E402
 
 # 40 digits in tiles of 16: 3 x 3 tiles, 6 on and above the diagonal.
 SMALL = ["--n", "40", "--tile", "16", "--no-progress"]

@@ -27,23 +27,24 @@ from __future__ import annotations
 
 import math
 import platform
-import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from . import __version__
-from .experiments import relative_distance, twin_seed
-from .layers import AvgPool2d, Conv2d, GlobalAvgPool, Linear, ReLU, Sequential
-from .layers.base import Layer
-from .plot import expected_losses, plot_expected_losses
-from .predict import KernelSource, gp_inference, gradient_descent_mse
+from ..architectures import DEMO_B_STD as B_STD
+from ..architectures import DEMO_READOUT_W_STD as READOUT_W_STD
+from ..architectures import DEMO_W_STD as HIDDEN_W_STD
+from ..architectures import demo_cnn, demo_mlp
+from ..datasets import DigitsData, as_images, load_digits
+from ..layers.base import Layer
+from ..plot import expected_losses, plot_expected_losses
+from ..predict import KernelSource, gp_inference, gradient_descent_mse
+from ..version import __version__
+from .common import progress_bar, relative_distance, require, twin_seed
 
 #: Widths of the finite twins trained by default.
 DEFAULT_WIDTHS: tuple[int, ...] = (64, 256, 1024)
@@ -51,16 +52,10 @@ DEFAULT_WIDTHS: tuple[int, ...] = (64, 256, 1024)
 DEFAULT_STEPS = 300
 #: Training examples by default (the other 797 digits are the test set).
 DEFAULT_N_TRAIN = 1000
-#: Weight and bias scales of the hidden layers (NTK parameterization).
-HIDDEN_W_STD, B_STD = 1.5, 0.05
-#: Weight scale of the read-out layer; sets the size of the random initial function.
-READOUT_W_STD = 0.5
 #: Ridge added to the training kernel in the posteriors, relative to its mean diagonal.
 DIAG_REG_FRACTION = 1e-4
 #: Learning rate as a multiple of ``1 / lambda_max`` (gradient descent is stable below 2).
 LR_FRACTION = 1.0
-#: Number of digits in scikit-learn's bundled data set.
-N_DIGITS = 1797
 #: Training and test images of the convolutional network by default (subsets of the
 #: split): its pooled kernels cost about 0.3 ms per pair of images on 2 cores, so these
 #: take about half a minute (300 and 300: 0.977 NNGP accuracy in about 90 s).
@@ -73,102 +68,6 @@ ENSEMBLE_TIME_FACTORS: tuple[float, ...] = (0.1, 1.0, 10.0)
 LOSS_CURVE_POINTS, LOSS_CURVE_SPAN = 25, 100.0
 
 
-@dataclass(frozen=True)
-class DigitsData:
-    """The digits task: inputs ``(N, 64)`` in float64, targets and labels.
-
-    ``y_train`` is the one-hot encoding of ``labels_train`` minus 0.1 (10 outputs).
-    """
-
-    x_train: np.ndarray
-    x_test: np.ndarray
-    y_train: np.ndarray
-    labels_train: np.ndarray
-    labels_test: np.ndarray
-
-    @property
-    def y_test(self) -> np.ndarray:
-        """Test targets, encoded like ``y_train``."""
-        return np.eye(10)[self.labels_test] - 0.1
-
-
-def _require_demo_dependencies() -> None:
-    missing = []
-    for module in ("sklearn", "matplotlib"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise ImportError(
-            f"the demo needs {' and '.join(missing)}: pip install 'widenets[demo]'"
-        )
-
-
-def _progress_bar(iterable: Iterable | None = None, *, enabled: bool, **kwargs: Any) -> tqdm:
-    """A tqdm bar on stderr; redrawn less often when stderr is not a terminal (logs, CI)."""
-    interactive = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    return tqdm(
-        iterable,
-        disable=not enabled,
-        mininterval=0.2 if interactive else 5.0,
-        dynamic_ncols=interactive,
-        leave=True,
-        **kwargs,
-    )
-
-
-def load_data(
-    n_train: int = DEFAULT_N_TRAIN, n_test: int | None = None, seed: int = 0
-) -> DigitsData:
-    """Load the digits, split them and preprocess the images.
-
-    Pixels are divided by 16 (to [0, 1]); each feature is centred by its training-set
-    mean; each image is then scaled to norm ``sqrt(64) = 8``, so every input has the
-    same (unit) input kernel ``x . x / d`` and the kernels do not depend on ink
-    quantity. The split is a seeded random permutation: ``n_train`` training images
-    and ``n_test`` test images (``None``: all the others).
-    """
-    _require_demo_dependencies()
-    from sklearn.datasets import load_digits
-
-    if not isinstance(n_train, int) or isinstance(n_train, bool) or n_train < 10:
-        raise ValueError(f"n_train must be an integer >= 10, got {n_train!r}")
-    if n_train >= N_DIGITS:
-        raise ValueError(f"n_train must be below {N_DIGITS} to leave a test set, got {n_train}")
-    available = N_DIGITS - n_train
-    if n_test is None:
-        n_test = available
-    if not isinstance(n_test, int) or isinstance(n_test, bool) or not 1 <= n_test <= available:
-        raise ValueError(
-            f"n_test must be an integer in [1, {available}] (or None), got {n_test!r}"
-        )
-    images, labels = load_digits(return_X_y=True)
-    images = images.astype(np.float64) / 16.0
-    order = np.random.default_rng(seed).permutation(len(images))
-    train, test = order[:n_train], order[n_train:n_train + n_test]
-    x = images - images[train].mean(axis=0)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = x * (math.sqrt(x.shape[1]) / np.maximum(norms, 1e-12))
-    y = np.eye(10)[labels] - 0.1
-    return DigitsData(x[train], x[test], y[train], labels[train], labels[test])
-
-
-def architecture(width: int = 1) -> Sequential:
-    """The fully connected ReLU network of the demo: two hidden layers of ``width``.
-
-    The same description serves the infinite network (its kernels ignore ``width``)
-    and the finite twins (``build`` uses it).
-    """
-    return Sequential(
-        Linear(width, HIDDEN_W_STD, B_STD),
-        ReLU(),
-        Linear(width, HIDDEN_W_STD, B_STD),
-        ReLU(),
-        Linear(10, READOUT_W_STD, B_STD),
-    )
-
-
 #: The architecture in words (``w``: the hidden width).
 ARCHITECTURE_TEXT = (
     f"Linear(w, W_std={HIDDEN_W_STD}, b_std={B_STD}) -> ReLU -> "
@@ -177,34 +76,12 @@ ARCHITECTURE_TEXT = (
 )
 
 
-def cnn_architecture(channels: int = 1) -> Sequential:
-    """The convolutional network of the demo (CNN-GAP) with ``channels`` per hidden layer.
-
-    3x3 convolutions with "same" padding, ReLU, 2x2 average pooling, again, then the
-    mean over positions and a linear read-out; images ``(N, 1, 8, 8)``.
-    """
-    return Sequential(
-        Conv2d(channels, 3, padding="same", W_std=HIDDEN_W_STD, b_std=B_STD),
-        ReLU(),
-        AvgPool2d(2),
-        Conv2d(channels, 3, padding="same", W_std=HIDDEN_W_STD, b_std=B_STD),
-        ReLU(),
-        GlobalAvgPool(),
-        Linear(10, READOUT_W_STD, B_STD),
-    )
-
-
 #: The convolutional architecture in words (``c``: the channels).
 CNN_ARCHITECTURE_TEXT = (
     f"Conv2d(c, 3x3, same, W_std={HIDDEN_W_STD}, b_std={B_STD}) -> ReLU -> AvgPool2d(2) -> "
     f"Conv2d(c, 3x3, same, W_std={HIDDEN_W_STD}, b_std={B_STD}) -> ReLU -> GlobalAvgPool "
     f"-> Linear(10, W_std={READOUT_W_STD}, b_std={B_STD})"
 )
-
-
-def as_images(x: np.ndarray) -> np.ndarray:
-    """Digits ``(N, 64)`` as images ``(N, 1, 8, 8)``."""
-    return x.reshape(-1, 1, 8, 8)
 
 
 def accuracy(outputs: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
@@ -293,10 +170,10 @@ def convolutional_predictions(
     ``seconds``.
     """
     x_train, x_test = as_images(data.x_train[:n_train]), as_images(data.x_test[:n_test])
-    kernels = KernelCache(cnn_architecture(), {"train": x_train, "test": x_test})
+    kernels = KernelCache(demo_cnn(), {"train": x_train, "test": x_test})
     results: dict[str, Any] = {"n_train": len(x_train), "n_test": len(x_test)}
     start = time.perf_counter()
-    bar = _progress_bar((("train", "train"), ("test", "train")), enabled=progress,
+    bar = progress_bar((("train", "train"), ("test", "train")), enabled=progress,
                         desc="convolutional network", unit="kernel block")
     for a, b in bar:
         kernels.pair(a, b)
@@ -343,10 +220,10 @@ def infinite_predictions(
     mean), ``ensemble_at_twins``: that row at the twins' time ``steps * lr``,
     ``ensemble_mean_at_steps``: the test mean there, and the seconds spent per phase.
     """
-    net = architecture()
+    net = demo_mlp()
     timings: dict[str, float] = {}
     phases = ["kernels", "NNGP posterior", "NTK posterior", "NTK spectrum", "NTK ensemble"]
-    bar = _progress_bar(total=len(phases), enabled=progress, desc="infinite network",
+    bar = progress_bar(total=len(phases), enabled=progress, desc="infinite network",
                         unit="phase")
     results: dict[str, Any] = {}
     with bar:
@@ -454,7 +331,7 @@ def train_twin(
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(twin_seed(seed, width))
-    model = architecture(width).build((data.x_train.shape[1],), generator, dtype=dtype)
+    model = demo_mlp(width).build((data.x_train.shape[1],), generator, dtype=dtype)
     x_train = torch.as_tensor(data.x_train, dtype=dtype)
     x_test = torch.as_tensor(data.x_test, dtype=dtype)
     y_train = torch.as_tensor(data.y_train, dtype=dtype)
@@ -464,7 +341,7 @@ def train_twin(
     lr = infinite["learning_rate"]
 
     loss_value = float("nan")
-    bar = _progress_bar(range(steps), enabled=progress, desc=f"width {width:>5}",
+    bar = progress_bar(range(steps), enabled=progress, desc=f"width {width:>5}",
                         unit="step")
     for step in bar:
         loss = 0.5 * (model(x_train) - y_train).pow(2).sum()
@@ -710,7 +587,7 @@ def plot(path: str | Path, results: dict[str, Any]) -> Path:
     (:func:`~widenets.plot.plot_expected_losses`), with the twins' test losses at
     their training time.
     """
-    _require_demo_dependencies()
+    require(("sklearn", "matplotlib"), "the demo")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
@@ -882,12 +759,12 @@ def run_demo(
     for value, name in ((cnn_n_train, "cnn_n_train"), (cnn_n_test, "cnn_n_test")):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    _require_demo_dependencies()
+    require(("sklearn", "matplotlib"), "the demo")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    data = load_data(n_train, n_test, seed)
+    data = load_digits(n_train, n_test, seed)
     timings = {"load data": time.perf_counter() - start}
 
     infinite = infinite_predictions(data, steps, progress=progress)

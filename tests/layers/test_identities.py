@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from tests.conftest import random_inputs
 
 import widenets as wn
+from tests.conftest import random_inputs
 
 ACTIVATIONS = {
     "relu": wn.ReLU, "leaky": lambda: wn.LeakyReLU(0.1), "abrelu": lambda: wn.ABReLU(-0.3, 1.2),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ..version import __version__
 
 
 def positive_int(text: str) -> int:
@@ -106,7 +106,7 @@ def add_training_arguments(
 def training_widths(args: argparse.Namespace, default: Sequence[int]) -> list[int]:
     """The widths of ``--widths`` (or ``default``), after checking ``--n-train`` against
     the digits data set (a usage error otherwise)."""
-    from .demo import N_DIGITS
+    from ..datasets import N_DIGITS
 
     if not 10 <= args.n_train < N_DIGITS:
         args.parser.error(f"--n-train must be between 10 and {N_DIGITS - 1}, got {args.n_train}")
@@ -185,7 +185,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- lazy
 def add_lazy_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``widenets lazy``."""
-    from .experiments import (
+    from .lazy import (
         DEFAULT_HIDDEN_LAYERS,
         DEFAULT_N_TRAIN,
         DEFAULT_NTK_POINTS,
@@ -231,7 +231,7 @@ def add_lazy_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 def run_lazy_command(args: argparse.Namespace) -> int:
     """Run ``widenets lazy`` with parsed arguments; print the output paths and slopes."""
-    from .experiments import DEFAULT_WIDTHS, run_lazy, summary
+    from .lazy import DEFAULT_WIDTHS, run_lazy, summary
 
     widths = training_widths(args, DEFAULT_WIDTHS)
     if len(set(widths)) != len(widths):
@@ -332,37 +332,25 @@ def add_kernel_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def kernel_architecture(arch: str, depth: int, W_std: float, b_std: float, activation: str):
     """The architecture of ``widenets kernel``: ``depth`` x [Linear or 3x3 Conv2d,
-    activation], then (CNNs) GlobalAvgPool or Flatten, then a linear read-out."""
-    from .layers import Conv2d, Erf, Flatten, GlobalAvgPool, Linear, ReLU, Sequential
+    activation], then (CNNs) GlobalAvgPool or Flatten, then a linear read-out
+    (:func:`widenets.architectures.mlp` and :func:`~widenets.architectures.cnn`)."""
+    from ..architectures import cnn, mlp
 
-    act = {"relu": ReLU, "erf": Erf}[activation]
-    layers = []
-    for _ in range(depth):
-        if arch == "fc":
-            layers.append(Linear(1, W_std, b_std))
-        else:
-            layers.append(Conv2d(1, 3, padding="same", W_std=W_std, b_std=b_std))
-        layers.append(act())
-    if arch == "cnn-gap":
-        layers.append(GlobalAvgPool())
-    elif arch == "cnn-flatten":
-        layers.append(Flatten())
-    layers.append(Linear(1, W_std, b_std))
-    return Sequential(*layers)
+    if arch == "fc":
+        return mlp(depth, activation, 1, W_std, b_std)
+    return cnn(depth, activation, 1, arch.removeprefix("cnn-"), W_std, b_std)
 
 
 def digits_inputs() -> np.ndarray:
-    """All 1797 digits as in the demo's :func:`~widenets.demo.load_data`, in scikit-learn's
-    order: pixels / 16, centred by the mean image, each scaled to norm 8. ``(1797, 64)``."""
+    """All 1797 digits in scikit-learn's order, preprocessed as everywhere in widenets
+    (:func:`widenets.datasets.load_digits`): ``(1797, 64)``."""
+    from ..datasets import load_digits
+
     try:
-        from sklearn.datasets import load_digits
+        return load_digits().x_train
     except ImportError:
         raise ImportError("--data digits needs scikit-learn: pip install 'widenets[demo]'"
                           ) from None
-    images = load_digits().data.astype(np.float64) / 16.0
-    x = images - images.mean(axis=0)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x * (math.sqrt(x.shape[1]) / np.maximum(norms, 1e-12))
 
 
 def kernel_inputs(source: str, arch: str, n: int | None, option: str) -> np.ndarray:
@@ -406,7 +394,7 @@ def run_kernel_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import tiles
+    from .. import tiles
 
     def usage_error(message: str) -> int:
         print(f"widenets kernel: error: {message}", file=sys.stderr)

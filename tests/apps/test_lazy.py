@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import widenets as wn
-from widenets import cli
+from widenets.apps import cli
 from widenets.experiments import (
     LazyTrainingResult,
     lazy_training,

@@ -1,0 +1,24 @@
+r"""Predictions of infinitely wide networks: GP posterior and gradient-descent training.
+
+Conventions: targets ``y`` are ``(N,)`` or ``(N, outputs)`` and share one kernel;
+``diag_reg`` is added, as given, to the training kernel's diagonal. Training follows
+the loss ``L = 1/2 sum (f - y)^2`` (or any loss, :func:`gradient_descent`) by gradient
+flow with rate ``learning_rate``, so the outputs on the training set obey
+``du/dt = -learning_rate T (u - y)`` (Lee et al. 2019, "Wide neural networks of any depth
+evolve as linear models under gradient descent"). Linear algebra is done in float64 and
+factorisations are computed once per training set.
+
+Modules: :mod:`.posterior` (the GP posterior), :mod:`.mse` (MSE training in closed
+form), :mod:`.ode` (any loss, momentum: ODEs in function space) and :mod:`.common` (the
+pieces they share).
+"""
+
+from .common import KernelSource
+from .mse import gradient_descent_mse, gradient_descent_mse_ensemble
+from .ode import LOSS_NAMES, gradient_descent, gradient_descent_momentum
+from .posterior import gp_inference
+
+__all__ = [
+    "KernelSource", "LOSS_NAMES", "gp_inference", "gradient_descent",
+    "gradient_descent_momentum", "gradient_descent_mse", "gradient_descent_mse_ensemble",
+]

@@ -1,0 +1,250 @@
+"""The pieces every prediction shares: targets, times, initial outputs, the training
+kernels, the one positive-definiteness check, the spectrum of a training kernel and its
+filters.
+
+Conventions (all of :mod:`widenets.predict`): targets ``y`` are ``(N,)`` or
+``(N, outputs)`` and share one kernel; ``diag_reg`` is added, as given, to the training
+kernel's diagonal; linear algebra is in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..inputs import as_data_tensor, parse_get
+from ..layers.base import Layer
+
+Tensor = torch.Tensor
+
+
+def as_targets(y: object, n: int) -> tuple[Tensor, bool]:
+    """Targets ``(N,)`` or ``(N, outputs)`` (a tensor, an array or a list) as ``(N, outputs)``,
+    and whether they were a vector."""
+    if isinstance(y, torch.Tensor):
+        t = y
+    elif isinstance(y, (str, bytes)) or not isinstance(y, (np.ndarray, np.generic, Sequence)):
+        raise TypeError(f"y_train must be a tensor or an array ({n},) or ({n}, outputs), got "
+                        f"{type(y).__name__}")
+    else:
+        t = np.asarray(y)
+    is_vector = t.ndim == 1
+    t = as_data_tensor(t[:, None] if is_vector else t, "y_train")
+    if t.ndim != 2 or t.shape[0] != n:
+        raise ValueError(
+            f"y_train must have shape ({n},) or ({n}, outputs), got {tuple(t.shape)}"
+        )
+    return t, is_vector
+
+
+def restore_shape(values: Tensor, like_vector: bool) -> Tensor:
+    return values[..., 0] if like_vector else values
+
+
+def cholesky(matrix: Tensor, what: str) -> Tensor:
+    """The Cholesky factor of ``matrix``, refused when it is singular to working precision.
+
+    A duplicated training point makes the kernel singular, but rounding can leave it a
+    pivot of a few ulps instead of a failed factorisation, and solves with such a factor
+    amplify rounding without bound: pivots below ``n eps max(diag)`` count as failure.
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    tiny = matrix.shape[0] * torch.finfo(matrix.dtype).eps * matrix.diagonal().abs().max()
+    if int(info) != 0 or bool((factor.diagonal() ** 2 <= tiny).any()):
+        raise ValueError(
+            f"the {what} is not positive definite (duplicate training points, or a "
+            "kernel of low rank); pass diag_reg > 0, e.g. diag_reg=1e-6 * mean diagonal"
+        )
+    return factor
+
+
+#: What predictions accept as their kernels: an architecture, or a function
+#: ``kernel_fn(x1, x2, get) -> (N1, N2)`` tensor (``x2=None``: ``x1``).
+KernelSource = Layer | Callable[..., Tensor]
+
+
+class TrainingKernels:
+    """Kernels from an architecture or a kernel function, in float64; the training
+    kernels are computed once and kept."""
+
+    def __init__(self, net_or_kernels: object) -> None:
+        if isinstance(net_or_kernels, Layer):
+            self.net, self.kernel_fn = net_or_kernels, None
+        elif callable(net_or_kernels):
+            self.net, self.kernel_fn = None, net_or_kernels
+        else:
+            raise TypeError(
+                "net_or_kernels must be a widenets layer or a function "
+                f"kernel_fn(x1, x2, get) -> (N1, N2) tensor, got {type(net_or_kernels).__name__}"
+            )
+        self.training: dict[str, Tensor] = {}
+
+    def __call__(self, x1: Tensor, x2: Tensor | None, names: tuple[str, ...]) -> dict[str, Tensor]:
+        n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
+        if self.net is not None:
+            kernels = self.net.kernel(x1, x2, get=names)
+            values = {name: kernels[name] for name in names}
+        else:
+            values = {name: torch.as_tensor(self.kernel_fn(x1, x2, name)) for name in names}
+        for name, value in values.items():
+            if tuple(value.shape) != (n1, n2):
+                raise ValueError(
+                    f"the {name} kernel function must return a ({n1}, {n2}) tensor, got "
+                    f"{tuple(value.shape)}"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"the {name} kernel has NaN or inf values")
+        return {name: value.to(torch.float64) for name, value in values.items()}
+
+    def train(self, x_train: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+        """``K(X, X)`` for each name, symmetrised, computed once. An architecture's NTK
+        comes with its NNGP at no extra cost, so both are kept (an ensemble's
+        covariance needs the NNGP beside the NTK)."""
+        missing = tuple(name for name in names if name not in self.training)
+        if self.net is not None and "ntk" in missing and "nngp" not in self.training:
+            missing = tuple(dict.fromkeys((*missing, "nngp")))
+        if missing:
+            for name, value in self(x_train, None, missing).items():
+                self.training[name] = 0.5 * (value + value.T)
+        return {name: self.training[name] for name in names}
+
+
+def check_get(get: object) -> str:
+    names = parse_get(get)
+    if len(names) != 1:
+        raise ValueError(f"get must be 'nngp' or 'ntk' here, got {get!r}")
+    return names[0]
+
+
+def training_data(x_train: object, y_train: object) -> tuple[Tensor, Tensor, bool]:
+    xt = as_data_tensor(x_train, "x_train")
+    yt, is_vector = as_targets(y_train, xt.shape[0])
+    return xt, yt.to(torch.float64), is_vector
+
+
+def test_inputs(x_test: object, x_train: Tensor) -> Tensor:
+    """``x_test`` as a tensor whose examples have the shape of the training examples."""
+    xs = as_data_tensor(x_test, "x_test")
+    if xs.shape[1:] != x_train.shape[1:]:
+        raise ValueError(
+            f"x_test examples must have the shape of x_train's, {tuple(x_train.shape[1:])}, "
+            f"got {tuple(xs.shape[1:])}"
+        )
+    return xs
+
+
+def check_positive_semidefinite(eigenvalues: Tensor, what: str) -> float:
+    """Refuse a symmetric matrix with a clearly negative eigenvalue; return the rounding
+    tolerance ``N eps max|lambda|`` below which eigenvalues count as zero.
+
+    "Clearly negative": below ``-10 max(N eps, 1e-12) max|lambda|`` (rounding of a PSD
+    kernel, or of its eigendecomposition, stays far above that).
+    """
+    scale = float(eigenvalues.abs().max()) if eigenvalues.numel() else 0.0
+    tolerance = scale * eigenvalues.shape[0] * torch.finfo(eigenvalues.dtype).eps
+    if eigenvalues.numel() and float(eigenvalues.min()) < -10 * max(tolerance, 1e-12 * scale):
+        raise ValueError(
+            f"{what} is not positive semi-definite (smallest eigenvalue "
+            f"{float(eigenvalues.min()):.3g}); pass diag_reg > 0"
+        )
+    return tolerance
+
+
+class Spectrum:
+    """Eigendecomposition of a regularised training kernel ``T + diag_reg I``, once.
+
+    Eigenvalues below ``N eps`` times the largest are treated as zero: gradient flow
+    does not move along them, and at ``t = inf`` their component is dropped (the
+    minimum-norm solution). A clearly negative eigenvalue raises a ``ValueError``.
+    """
+
+    def __init__(self, k: Tensor, diag_reg: float, what: str) -> None:
+        k = 0.5 * (k + k.T) + diag_reg * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+        eigenvalues, self.vectors = torch.linalg.eigh(k)
+        tolerance = check_positive_semidefinite(eigenvalues, what)
+        self.values = torch.where(eigenvalues > tolerance, eigenvalues,
+                                  torch.zeros_like(eigenvalues))
+
+
+def spectral_filters(
+    eigenvalues: Tensor, learning_rate: float, t: Tensor, discrete: bool
+) -> tuple[Tensor, Tensor]:
+    r"""``decay(lambda) = exp(-lr lambda t)`` and ``gain(lambda) = (1 - decay) / lambda``.
+
+    ``discrete`` gives gradient descent of ``t`` steps instead of gradient flow for a
+    time ``t``: ``decay = (1 - lr lambda)^t``. ``gain`` tends to ``lr t`` as
+    ``lambda -> 0``; ``t = inf`` gives ``decay = 0`` and ``gain = 1 / lambda``.
+    Shapes: ``(len(t), len(eigenvalues))``.
+    """
+    lam = eigenvalues[None, :]
+    times = t[:, None]
+    rate = learning_rate * lam
+    positive = lam > 0
+    sign = torch.ones_like(rate * times)
+    if discrete:
+        finite = times[torch.isfinite(times)]
+        if bool((finite != torch.round(finite)).any()):
+            raise ValueError(f"with discrete=True, t counts steps and must be integers, got {t}")
+        if bool(torch.isinf(times).any()) and bool((rate[positive] >= 2).any()):
+            raise ValueError(
+                "gradient descent does not converge: learning_rate * largest eigenvalue >= 2"
+            )
+        log_base = torch.where(rate < 1, torch.log1p(-rate), torch.log(torch.abs(rate - 1)))
+        exponent = torch.where(torch.isinf(times), -torch.inf, times * log_base)
+        # (1 - lr lambda)^0 = 1 even where lr lambda = 1 (0 * log 0 would be NaN).
+        exponent = torch.where(times == 0, 0.0, exponent)
+        odd = torch.remainder(torch.where(torch.isinf(times), 0.0, times), 2) == 1
+        sign = torch.where((rate > 1) & odd, -1.0, 1.0)
+    else:
+        exponent = torch.where(torch.isinf(times), -torch.inf, -rate * times)
+    exponent = torch.where(positive, exponent, torch.zeros_like(exponent))
+    sign = torch.where(positive, sign, torch.ones_like(sign))
+    decay = sign * torch.exp(exponent)
+    one_minus_decay = torch.where(sign > 0, -torch.expm1(exponent), 1.0 - decay)
+    safe_lam = torch.where(positive, lam, torch.ones_like(lam))
+    # No training along a zero eigenvalue: gain lr t at finite t; at t = inf the
+    # component is dropped (the minimum-norm solution) instead of inf * 0.
+    flat = torch.where(torch.isinf(times), 0.0, learning_rate * times)
+    gain = torch.where(positive, one_minus_decay / safe_lam, flat)
+    return decay, gain
+
+
+def as_times(t: float | Tensor | None) -> tuple[Tensor, bool]:
+    """Times as a 1-D float64 tensor, and whether ``t`` was a single number (a Python or
+    NumPy number, or a 0-D array or tensor); ``None`` is ``t = inf``."""
+    if t is None:
+        return torch.tensor([math.inf], dtype=torch.float64), True
+    message = f"t must be a number, a 1-D tensor of times or None, got {t!r}"
+    if isinstance(t, (bool, np.bool_, str, bytes)):
+        raise TypeError(message)
+    try:
+        values = t.detach().cpu() if isinstance(t, Tensor) else np.asarray(t)
+        if values.dtype in (torch.bool, np.bool_) or values.dtype == object:
+            raise TypeError(message)
+        times = torch.as_tensor(values).to(torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(message) from error
+    if times.ndim > 1:
+        raise ValueError(message)
+    scalar = times.ndim == 0
+    times = times.reshape(-1)
+    if bool(torch.isnan(times).any()) or bool((times < 0).any()):
+        raise ValueError(f"t must be >= 0, got {t!r}")
+    return times, scalar
+
+
+def as_initial(value: object, shape: tuple[int, int], name: str) -> Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full(shape, float(value), dtype=torch.float64)
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.ndim == 1:
+        t = t[:, None]
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {shape} (or its first axis), got "
+                         f"{tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return t

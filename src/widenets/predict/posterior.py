@@ -1,0 +1,75 @@
+"""The Gaussian-process posterior of an infinitely wide network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..inputs import check_nonnegative
+from .common import (
+    KernelSource,
+    TrainingKernels,
+    check_get,
+    cholesky,
+    restore_shape,
+    test_inputs,
+    training_data,
+)
+
+Tensor = torch.Tensor
+
+
+def gp_inference(
+    net_or_kernels: KernelSource,
+    x_train: object,
+    y_train: object,
+    diag_reg: float = 0.0,
+) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    r"""The exact Gaussian-process posterior of an infinitely wide network.
+
+    ``net_or_kernels``: an architecture (its ``kernel``), or any function
+    ``kernel_fn(x1, x2, get) -> (N1, N2)`` tensor (``x2=None`` meaning ``x1``), e.g.
+    one wrapping an empirical or Monte Carlo kernel.
+
+    Returns ``fn(x_test, get="nngp", compute_cov=True) -> (mean, cov)`` with, for the
+    chosen kernel ``K`` (NNGP: Bayesian inference of the network; NTK: the NTK used as
+    a GP covariance) and ``K_r = K(X, X) + diag_reg I``::
+
+        mean = K(x, X) K_r^{-1} y
+        cov  = K(x, x) - K(x, X) K_r^{-1} K(X, x)
+
+    ``mean`` has the shape of ``y`` with ``len(x_test)`` rows; ``cov`` is
+    ``(len(x_test), len(x_test))`` (``None`` unless ``compute_cov``). The training
+    kernel and its Cholesky factor are computed once per ``get``; a training kernel that
+    is not positive definite raises a ``ValueError`` suggesting ``diag_reg``.
+    """
+    kernels = TrainingKernels(net_or_kernels)
+    xt, yt, is_vector = training_data(x_train, y_train)
+    reg = check_nonnegative(diag_reg, "diag_reg")
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def factor(get: str) -> tuple[Tensor, Tensor]:
+        if get not in factors:
+            k = kernels.train(xt, (get,))[get]
+            k = k + reg * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+            chol = cholesky(k, f"training {get.upper()} kernel")
+            factors[get] = (chol, torch.cholesky_solve(yt.to(k.device), chol))
+        return factors[get]
+
+    def predict(
+        x_test: object, get: str = "nngp", compute_cov: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        name = check_get(get)
+        xs = test_inputs(x_test, xt)
+        chol, alpha = factor(name)
+        k_tx = kernels(xs, xt.to(xs.dtype), (name,))[name]
+        mean = restore_shape(k_tx @ alpha, is_vector).to(xs.dtype)
+        if not compute_cov:
+            return mean, None
+        v = torch.linalg.solve_triangular(chol, k_tx.T, upper=False)
+        k_tt = kernels(xs, None, (name,))[name]
+        cov = k_tt - v.T @ v
+        return mean, (0.5 * (cov + cov.T)).to(xs.dtype)
+
+    return predict
