@@ -48,7 +48,9 @@ MARKER = "widenets.json"
 LOCK = "widenets.lock"
 #: Identity fields that may differ between calls on one store (they do not change the
 #: numbers): the widenets version, and whether ``load_kernel`` returns a tensor.
-INFORMATIONAL = ("version", "returns")
+#: ``architecture_repr`` shows the architecture to people (its spec, ``architecture``,
+#: identifies it; stores written before specs hold a repr there instead).
+INFORMATIONAL = ("version", "returns", "architecture_repr")
 #: ``errno`` values of a failed open for writing that mean "this store is read-only".
 READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 #: Content of the finished-tile markers of widenets versions before checksums.
@@ -347,11 +349,17 @@ class TileStore:
         for key, value in identity.items():
             if key in INFORMATIONAL:
                 continue
-            if self.identity.get(key) != value:
+            stored = self.identity.get(key)
+            shown = (stored, value)
+            if key == "architecture":
+                shown = (self.identity.get("architecture_repr", stored),
+                         identity.get("architecture_repr", value))
+                if isinstance(stored, str):  # written before specs: identified by a repr
+                    value = shown[1]
+            if stored != value:
                 raise ValueError(
                     f"store {self.path} holds a different computation: its {key} is "
-                    f"{self.identity.get(key)!r}, this call's is {value!r}; use another store "
-                    "path"
+                    f"{shown[0]!r}, this call's is {shown[1]!r}; use another store path"
                 )
 
     def _open_arrays(self) -> None:

@@ -42,10 +42,12 @@ from tqdm.auto import tqdm
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
+from .specs import NotCanonicalError
 from .store import DONE as DONE
 from .store import DamagedTileError, TileStore, stored_tile_sizes
 from .store import store_description as store_description
 from .tiling import Tile, plan_tiles
+from .version import __version__
 
 #: Bytes per kernel entry of one tile's working set, per position pair: the moment
 #: tensors a layer holds at once (input and output NNGP, NTK, variances, temporaries).
@@ -154,12 +156,23 @@ def inputs_digest(x1: torch.Tensor, x2: torch.Tensor | None) -> str:
     return digest.hexdigest()
 
 
+def architecture_identity(net: Layer) -> dict:
+    """What identifies ``net`` in a store: its :meth:`~widenets.Layer.kernel_spec` (the same
+    in every process, without declared widths that do not enter the kernels)."""
+    try:
+        return net.kernel_spec()
+    except NotCanonicalError as error:
+        raise ValueError(
+            f"a kernel store identifies the architecture by a description that another "
+            f"process can rebuild, and this one has none: {error}"
+        ) from None
+
+
 def _identity(net: Layer, names, x1, x2, n1, n2, rows, cols, symmetric, dtype,
               single: bool) -> dict:
-    from .version import __version__
-
     return {
-        "architecture": repr(net), "get": list(names), "inputs_sha256": inputs_digest(x1, x2),
+        "architecture": architecture_identity(net), "architecture_repr": repr(net),
+        "get": list(names), "inputs_sha256": inputs_digest(x1, x2),
         "dtype": str(dtype), "shape": [n1, n2], "tile": [rows, cols], "symmetric": symmetric,
         "version": __version__, "returns": "tensor" if single else "Kernels",
     }

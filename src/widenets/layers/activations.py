@@ -192,9 +192,6 @@ class ReLU(ABReLU):
     def apply(self, x: Tensor) -> Tensor:
         return torch.relu(x)
 
-    def __repr__(self) -> str:
-        return "ReLU()"
-
 
 class LeakyReLU(ABReLU):
     """``phi(x) = x`` for ``x > 0`` and ``negative_slope * x`` otherwise."""
@@ -202,9 +199,6 @@ class LeakyReLU(ABReLU):
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__(negative_slope, 1.0)
         self.negative_slope = self.a
-
-    def __repr__(self) -> str:
-        return f"LeakyReLU(negative_slope={self.negative_slope!r})"
 
 
 class Abs(ABReLU):
@@ -215,9 +209,6 @@ class Abs(ABReLU):
 
     def apply(self, x: Tensor) -> Tensor:
         return torch.abs(x)
-
-    def __repr__(self) -> str:
-        return "Abs()"
 
 
 class RectifiedMonomial(Activation):
@@ -254,9 +245,6 @@ class Step(RectifiedMonomial):
 
     def __init__(self) -> None:
         super().__init__(0)
-
-    def __repr__(self) -> str:
-        return "Step()"
 
 
 class Sign(Activation):
@@ -353,9 +341,6 @@ class Rbf(Sin):
 
     def derivative_map(self, q1, q2, c, rho):
         return 2 * self.gamma * self.nngp_map(q1, q2, c, rho)
-
-    def __repr__(self) -> str:
-        return f"Rbf(gamma={self.gamma!r})"
 
 
 class GELU(Activation):

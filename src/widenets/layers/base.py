@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Union
 
@@ -11,6 +12,14 @@ from torch import nn
 from ..heap import keep_freed_temporaries
 from ..inputs import COMPUTE_DTYPES, all_finite, as_input_pair, parse_get
 from ..kernel import Kernel, Kernels, Layout
+from ..specs import (
+    describe_function,
+    function_name,
+    layer_spec,
+    layer_type,
+    register_layer_type,
+    spec_key,
+)
 from ..tiling import plan_tiles
 
 #: The state between layers: one kernel, or one per branch after ``FanOut``.
@@ -200,9 +209,94 @@ class Layer:
             )
         return module.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
+    # ----------------------------------------------------------------- specs
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        register_layer_type(cls)
+
+    def spec_arguments(self) -> dict[str, object]:
+        """The constructor arguments that rebuild this layer, by name (a ``*layers``
+        argument as a tuple). By default each constructor parameter's value is read from
+        the attribute of the same name; a layer that stores one under another name
+        overrides this (or exposes a property of that name)."""
+        if type(self).__init__ is object.__init__:
+            return {}
+        parameters = list(inspect.signature(type(self).__init__).parameters.values())[1:]
+        return {p.name: getattr(self, p.name) for p in parameters
+                if p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+    def spec(self, strict: bool = True) -> dict:
+        """The canonical, process-independent description of this layer: a JSON-serialisable
+        dict that :func:`widenets.specs.from_spec` turns back into an equal layer (see
+        :mod:`widenets.specs`). Raises :class:`~widenets.specs.NotCanonicalError` for a
+        layer holding a function that cannot be imported by name, unless ``strict=False``
+        (then that function is described by its identity in this process)."""
+        return layer_spec(self, self.spec_arguments(), strict)
+
+    #: The constructor argument that is this layer's declared width (weighted layers).
+    width_argument: str | None = None
+
+    def uses_declared_widths(self) -> bool:
+        """Whether this layer's own kernel rule depends on declared widths (the standard
+        parameterization's NTK; a concatenation weighing branches by width)."""
+        return False
+
+    def kernel_spec(self) -> dict:
+        """The spec less what does not change the kernels: the declared widths, when no
+        layer of the network uses them (:meth:`uses_declared_widths`). Two architectures
+        with equal kernel specs have equal kernels; a kernel store is identified by it."""
+        spec = self.spec()
+        if any(layer.uses_declared_widths() for layer in self.walk()):
+            return spec
+        return _without_widths(spec)
+
+    def walk(self) -> list[Layer]:
+        """This layer and all its sublayers, depth first."""
+        found = [self]
+        for layer in self.sublayers():
+            found += layer.walk()
+        return found
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Layer):
+            return NotImplemented
+        return type(self) is type(other) and (
+            spec_key(self.spec(strict=False)) == spec_key(other.spec(strict=False)))
+
+    def __hash__(self) -> int:
+        return hash(spec_key(self.spec(strict=False)))
+
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
+        parameters = {} if type(self).__init__ is object.__init__ else (
+            inspect.signature(type(self).__init__).parameters)
+        parts = []
+        for name, value in self.spec_arguments().items():
+            if parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+                parts += [repr(v) for v in value]
+            else:
+                parts.append(f"{name}={_value_repr(value)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _without_widths(spec: object) -> object:
+    """A spec with the declared-width argument of every layer removed."""
+    if isinstance(spec, list):
+        return [_without_widths(v) for v in spec]
+    if not (isinstance(spec, dict) and set(spec) == {"layer", "args"}):
+        return spec
+    cls = layer_type(spec["layer"])
+    width = None if cls is None else cls.width_argument
+    return {"layer": spec["layer"],
+            "args": {k: _without_widths(v) for k, v in spec["args"].items() if k != width}}
+
+
+def _value_repr(value: object) -> str:
+    """``repr`` of a constructor argument; a function by its importable name (no memory
+    address), so that equal layers have equal representations in any process."""
+    if callable(value) and not isinstance(value, Layer):
+        name = function_name(value)
+        return name.replace(":", ".") if name else describe_function(value)
+    return repr(value)
 
 
 #: Pairs of examples in one tile of a dense network (2 MiB per moment in float64; a

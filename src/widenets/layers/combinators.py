@@ -52,9 +52,6 @@ class Sequential(Layer):
             modules.append(module)
         return SequentialModule(modules), input_shape
 
-    def __repr__(self) -> str:
-        return f"Sequential({', '.join(map(repr, self.layers))})"
-
 
 class SequentialModule(nn.ModuleList):
     """Finite twin of :class:`Sequential`; passes tuples of branches through unchanged."""
@@ -96,9 +93,6 @@ class Parallel(Layer):
         self._check_branches(len(input_shape))
         built = [layer.build_module(s, generator) for layer, s in zip(self.layers, input_shape)]
         return ParallelModule([m for m, _ in built]), [s for _, s in built]
-
-    def __repr__(self) -> str:
-        return f"Parallel({', '.join(map(repr, self.layers))})"
 
 
 class ParallelModule(nn.ModuleList):
@@ -257,6 +251,9 @@ class FanInConcat(Layer):
     directly; a Linear layer can.
     """
 
+    def uses_declared_widths(self) -> bool:
+        return True
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         branches = _branches(k, self)
         widths = [b.width for b in branches]
@@ -313,6 +310,3 @@ class Residual(Layer):
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
         return self._composed.build_module(input_shape, generator)
-
-    def __repr__(self) -> str:
-        return f"Residual({self.block!r})"

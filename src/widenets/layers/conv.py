@@ -108,12 +108,12 @@ class Conv(WeightedLayer):
         module = FiniteConv(self, shape[0], generator)
         return module, (self.width, *(pad.out for pad in pads))
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.width}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding!r}, W_std={self.W_std}, "
-            f"b_std={self.b_std}, parameterization={self.parameterization!r})"
-        )
+    width_argument = "channels"
+
+    @property
+    def channels(self) -> int:
+        """The output channels: the convolution's width."""
+        return self.width
 
 
 class Conv1d(Conv):

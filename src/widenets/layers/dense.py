@@ -52,6 +52,11 @@ class WeightedLayer(Layer):
         self.b_std = None if b_std == 0 else b_std
         self.parameterization = check_parameterization(parameterization)
 
+    width_argument = "width"
+
+    def uses_declared_widths(self) -> bool:
+        return self.parameterization == "standard"
+
     def affine_rule(self, averaged: Kernel, fan_in: int) -> Kernel:
         """The output kernel from the input kernel ``averaged`` over one unit's inputs."""
         w2, b2 = self.W_std**2, (self.b_std or 0.0) ** 2
