@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from widenets.layers import base
+from widenets import engine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workloads import inputs, widenets_net  # noqa: E402
@@ -27,7 +27,7 @@ WORKLOADS = ("fc-relu-3", "fc-erf-10")
 
 
 def best_time(net, x, repeats: int, tile_entries: int) -> float:
-    base.TILE_ENTRIES = tile_entries
+    engine.TILE_ENTRIES = tile_entries
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    tiled_entries = base.TILE_ENTRIES
+    tiled_entries = engine.TILE_ENTRIES
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64")
     print(f"{'workload':<18} {'tiled (s)':>10} {'one block (s)':>14} {'ratio':>7}")
     for name in WORKLOADS:
@@ -51,7 +51,7 @@ def main() -> None:
         for _ in range(args.repeats):
             tiled.append(best_time(net, x, 1, tiled_entries))
             untiled.append(best_time(net, x, 1, n * n))
-        base.TILE_ENTRIES = tiled_entries
+        engine.TILE_ENTRIES = tiled_entries
         print(f"{name:<18} {min(tiled):>10.3f} {min(untiled):>14.3f} "
               f"{min(tiled) / min(untiled):>7.2f}")
 

@@ -19,7 +19,7 @@ import torch
 import widenets as wn
 from tests.conftest import random_inputs
 from tests.layers.test_identities import ACTIVATIONS, mlp
-from widenets.layers import base
+from widenets import engine
 from widenets.paths import fast_paths_enabled, straightforward
 from widenets.spatial import pad_axis, padded_window_mean, padding, window_mean
 
@@ -128,9 +128,9 @@ def test_tiles_equal_one_block(monkeypatch, symmetric):
     x = random_inputs(45, 7, seed=8)
     net = mlp(wn.ReLU, depth=3)
     x2 = None if symmetric else x[:31]
-    monkeypatch.setattr(base, "TILE_ENTRIES", 64)  # 8 x 8 tiles, awkward last ones
+    monkeypatch.setattr(engine, "TILE_ENTRIES", 64)  # 8 x 8 tiles, awkward last ones
     tiled = net.kernel(x, x2, get=("nngp", "ntk"))
-    monkeypatch.setattr(base, "TILE_ENTRIES", 1 << 30)
+    monkeypatch.setattr(engine, "TILE_ENTRIES", 1 << 30)
     whole = net.kernel(x, x2, get=("nngp", "ntk"))
     for name in ("nngp", "ntk"):
         torch.testing.assert_close(tiled[name], whole[name], rtol=RTOL, atol=0)
@@ -139,7 +139,7 @@ def test_tiles_equal_one_block(monkeypatch, symmetric):
 
 
 def test_an_overflow_is_reported_from_any_tile(monkeypatch):
-    monkeypatch.setattr(base, "TILE_ENTRIES", 16)
+    monkeypatch.setattr(engine, "TILE_ENTRIES", 16)
     x = random_inputs(20, 3, seed=9)
     x[17] *= 1e150  # only the last tiles overflow
     net = wn.Sequential(wn.Linear(4, 2.0), wn.RectifiedMonomial(3), wn.Linear(1))

@@ -16,10 +16,10 @@ It also carries the facts that decide which rules are exact:
   by ``FanInConcat`` (width-weighted mean) and by the standard parameterization;
 * ``is_gaussian``: the representation is, in the limit, a centred Gaussian process
   (true after a weighted layer, false after a nonlinearity); activations need it;
-* ``sources``: tokens of the weighted layers whose fresh weights the representation
-  depends on *directly* (a weighted layer replaces them by its own token). Two
-  branches with disjoint sources are independent in the limit, which ``FanInSum``
-  and ``FanInProd`` need to be exact.
+* ``sources``: the identities (:class:`widenets.requirements.WeightIdentity`) of the
+  weights the representation depends on *directly* (a weighted layer replaces them by
+  the identity of its own). Two branches with disjoint sources are independent in the
+  limit, which ``FanInSum`` and ``FanInProd`` need to be exact.
 
 For images the moments also have spatial axes, described by :class:`Layout`: with the
 full spatial covariance, ``nngp[i, j, h, h', w, w'] = E[h(x1_i)[h, w] h(x2_j)[h', w']]``
@@ -33,18 +33,10 @@ kept, ``nngp[i, j, h, w]`` and ``var1[i, h, w]``. In every layout
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from dataclasses import dataclass
 
 import torch
-
-_tokens = itertools.count()
-
-
-def new_source() -> int:
-    """A fresh token for the weights of one weighted-layer application."""
-    return next(_tokens)
 
 
 @dataclass(frozen=True)
@@ -125,7 +117,7 @@ class Kernel:
     var2: torch.Tensor | None
     width: int
     is_gaussian: bool
-    sources: frozenset[int]
+    sources: frozenset
     layout: Layout = DENSE
 
     @property

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
+from .requirements import network_needs
 from .specs import NotCanonicalError
 from .store import DONE as DONE
 from .store import DamagedTileError, TileStore, stored_tile_sizes
@@ -75,7 +76,7 @@ def pair_cost(net: Layer, example_shape: tuple[int, ...]) -> int:
     ``P`` positions for a convolutional one that needs only equal positions, ``P^2``
     for one that pools (the full spatial covariance)."""
     positions = math.prod(example_shape[1:]) if len(example_shape) > 1 else 1
-    return positions * positions if net.needs_full_covariance() else positions
+    return positions * positions if network_needs(net.walk()).full_covariance else positions
 
 
 def auto_tile(

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import widenets as wn
-import widenets.layers.base as base
+import widenets.engine as engine
 from widenets.kernel import Kernel
 
 DTYPE = torch.float64
@@ -248,7 +248,7 @@ def test_tiles_of_any_size_equal_one_block_and_bound_memory(monkeypatch, spatial
     whole = {s: net.kernel(x1, s, get=("nngp", "ntk"), spatial=spatial) for s in (None, x2)}
     per_pair = 30 ** (2 if spatial == "full" else 1)
     budget = budget_pairs * per_pair
-    monkeypatch.setattr(base, "SPATIAL_TILE_ENTRIES", budget)
+    monkeypatch.setattr(engine, "SPATIAL_TILE_ENTRIES", budget)
     largest = []
     original = Kernel.from_inputs.__func__
 

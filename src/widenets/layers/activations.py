@@ -23,7 +23,8 @@ from .. import gaussian
 from ..inputs import check_positive_int, check_scale
 from ..kernel import Kernel, batch_diagonal
 from ..paths import fast_paths_enabled
-from .base import KernelState, Layer, Shape, single_kernel
+from ..requirements import Needs
+from .base import KernelState, Layer, Shape
 
 Tensor = torch.Tensor
 
@@ -58,15 +59,14 @@ class Activation(Layer):
         nngp = self.nngp_map(q1, q2, c, rho).clone()
         return nngp, None if ntk is None else ntk * self.derivative_map(q1, q2, c, rho)
 
+    needs = Needs(gaussian_input=True)
+    gaussian_input_advice = (
+        "a Gaussian input: put a Linear layer before it (an activation cannot act on the "
+        "raw input, on another activation, or on a product or concatenation of branches; "
+        "combine two activations into one Elementwise)"
+    )
+
     def kernel_rule(self, k: KernelState) -> KernelState:
-        k = single_kernel(k, self)
-        if not k.is_gaussian:
-            raise ValueError(
-                f"{type(self).__name__} needs a Gaussian input: put a Linear layer before it "
-                "(an activation cannot act on the raw input, on another activation, or on a "
-                "product or concatenation of branches; combine two activations into one "
-                "Elementwise)"
-            )
         var1, self_rho = self._self_map(k, k.var1)
         var2 = None if k.var2 is None else self._self_map(k, k.var2)[0]
         q1, q2 = k.pair_variances()
@@ -154,6 +154,8 @@ class ActivationModule(nn.Module):
 
 class Identity(Activation):
     """``phi(x) = x``: leaves the kernel state unchanged (any input)."""
+
+    needs = Needs(input="any")
 
     def apply(self, x: Tensor) -> Tensor:
         return x

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Union
 
 import torch
 from torch import nn
 
-from ..heap import keep_freed_temporaries
-from ..inputs import COMPUTE_DTYPES, all_finite, as_input_pair, parse_get
-from ..kernel import Kernel, Kernels, Layout
+from ..engine import compute_kernels
+from ..kernel import Kernel, Kernels
+from ..requirements import Needs, check_input
 from ..specs import (
     describe_function,
     function_name,
@@ -20,7 +19,6 @@ from ..specs import (
     register_layer_type,
     spec_key,
 )
-from ..tiling import plan_tiles
 
 #: The state between layers: one kernel, or one per branch after ``FanOut``.
 KernelState = Union[Kernel, tuple["KernelState", ...]]
@@ -36,9 +34,10 @@ class Layer:
     same parameterization), side by side.
     """
 
-    #: Whether the kernel rule mixes different positions of one image (pooling): then
-    #: the full spatial covariance is needed, not only its diagonal.
-    pools_positions = False
+    #: What this layer needs of its input (checked by :meth:`transform` before
+    #: :meth:`kernel_rule` runs) and of the whole computation (the full spatial
+    #: covariance): see :mod:`widenets.requirements`.
+    needs: Needs = Needs()
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         """Map the kernel state of this layer's input to that of its output."""
@@ -54,11 +53,12 @@ class Layer:
         """The layers this one is made of (combinators); none for a plain layer."""
         return ()
 
-    def needs_full_covariance(self) -> bool:
-        """Whether some layer pools positions, so the full spatial covariance is needed."""
-        return self.pools_positions or any(
-            layer.needs_full_covariance() for layer in self.sublayers()
-        )
+    def transform(self, k: KernelState) -> KernelState:
+        """This layer's kernel rule, after checking that ``k`` meets :attr:`needs` (a
+        ``ValueError`` that says what to change otherwise). Combinators apply their
+        sublayers through it."""
+        check_input(self, k)
+        return self.kernel_rule(k)
 
     # ----------------------------------------------------------------- public API
     def kernel(
@@ -98,78 +98,7 @@ class Layer:
         networks) or ``SPATIAL_TILE_ENTRIES`` (for images): memory stays bounded for
         any ``N1, N2``.
         """
-        names = parse_get(get)
-        t1, t2 = as_input_pair(x1, x2)
-        if dtype is not None:
-            if dtype not in COMPUTE_DTYPES:
-                raise TypeError(
-                    "dtype must be a floating torch.dtype to compute in: torch.float32, "
-                    f"torch.float64 or None, got {dtype!r}"
-                )
-            t1, t2 = t1.to(dtype), None if t2 is None else t2.to(dtype)
-        keep_freed_temporaries()
-        if t1.ndim > 5:
-            raise ValueError(
-                "x1 must be (N, features), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got "
-                f"shape {tuple(t1.shape)}"
-            )
-        paired = self._spatial_layout(spatial, t1)
-        layout = Layout(tuple(t1.shape[2:]), paired)
-        second = t1 if t2 is None else t2
-        result = {
-            name: torch.empty(t1.shape[0], second.shape[0], dtype=t1.dtype, device=t1.device)
-            for name in names
-        }
-        budget = SPATIAL_TILE_ENTRIES if layout.sizes else TILE_ENTRIES
-        pairs_per_tile = max(1, budget // layout.positions_per_pair)
-        side = max(1, math.isqrt(pairs_per_tile))
-        for tile in plan_tiles(t1.shape[0], second.shape[0], side, side, t2 is None):
-            rows, cols = tile.rows, tile.cols
-            diagonal = t2 is None and tile.is_diagonal
-            block = self._kernel_block(t1[rows], None if diagonal else second[cols], names,
-                                       paired)
-            for name in names:
-                check_finite_kernel(block[name], name)
-                result[name][rows, cols] = block[name]
-                if t2 is None and not diagonal:
-                    # a contiguous transposed copy takes torch's blocked transpose kernel
-                    result[name][cols, rows] = block[name].T.contiguous()
-        if isinstance(get, str):
-            return result[get]
-        return Kernels(**result)
-
-    def _spatial_layout(self, spatial: object, x: torch.Tensor) -> bool:
-        """Whether the paired (full covariance) layout is used for inputs ``x``."""
-        if spatial not in SPATIAL_CHOICES:
-            raise ValueError(f"spatial must be one of {SPATIAL_CHOICES}, got {spatial!r}")
-        needs_full = self.needs_full_covariance()
-        if spatial == "diagonal" and needs_full:
-            raise ValueError(
-                "spatial='diagonal' cannot be used with pooling layers (they mix positions); "
-                "use spatial='auto' or 'full'"
-            )
-        return x.ndim > 2 and (spatial == "full" or needs_full)
-
-    def _kernel_block(
-        self, x1: torch.Tensor, x2: torch.Tensor | None, names: tuple[str, ...], paired: bool
-    ) -> dict[str, torch.Tensor]:
-        """The requested kernels of one tile (``x2=None``: a symmetric diagonal tile)."""
-        initial = Kernel.from_inputs(x1, x2, with_ntk="ntk" in names, paired=paired)
-        check_finite_inputs_kernel(initial, x1, x2)
-        state = self.kernel_rule(initial)
-        if not isinstance(state, Kernel):
-            raise ValueError(
-                f"the network ends with {len(state)} parallel branches; close them with "
-                "FanInSum, FanInConcat or FanInProd"
-            )
-        if state.layout.sizes:
-            raise ValueError(
-                f"the network's output still has {len(state.layout.sizes)} spatial axes; end "
-                "it with Flatten() or GlobalAvgPool() and a Linear read-out"
-            )
-        block = {"nngp": state.nngp, "ntk": state.ntk}
-        return {name: 0.5 * (block[name] + block[name].T) if x2 is None else block[name]
-                for name in names}
+        return compute_kernels(self, x1, x2, get, spatial, dtype)
 
     def build(
         self,
@@ -299,51 +228,6 @@ def _value_repr(value: object) -> str:
     return repr(value)
 
 
-#: Pairs of examples in one tile of a dense network (2 MiB per moment in float64; a
-#: layer holds a few such temporaries). Measured on 2 cores (benchmarks/bench_speed.py):
-#: 2^17 to 2^19 within noise of each other, 2^16 and below slower (per-operation
-#: overhead), whole matrices 4 times slower (every pass goes to memory).
-TILE_ENTRIES = 1 << 18
-#: Numbers in one tile's spatial moments (4 MiB in float64). Larger than the dense
-#: tiles because each tile also maps the self-covariances of its images (``var1``,
-#: ``var2``), work that falls as the tile's side grows: measured on 2 cores, 2^19 was
-#: 1.4 times faster than 2^17 on the pooled CNN and as fast on the Flatten CNN.
-SPATIAL_TILE_ENTRIES = 1 << 19
-SPATIAL_CHOICES = ("auto", "full", "diagonal")
-
-
-def _wider_dtype_hint(dtype: torch.dtype) -> str:
-    return ", or compute in torch.float64" if dtype != torch.float64 else ""
-
-
-def check_finite_inputs_kernel(initial: Kernel, x1: torch.Tensor, x2: torch.Tensor | None) -> None:
-    """Raise a ``ValueError`` if the inputs' own second moments (the kernel before the first
-    layer) overflow their dtype: the inputs, not the network, are then too large."""
-    moments = (initial.nngp, initial.var1, initial.var2)
-    if all(all_finite(m) for m in moments if m is not None):
-        return
-    largest = max(float(x.abs().max()) for x in (x1, x2) if x is not None)
-    raise ValueError(
-        f"the inputs' second moments overflow {x1.dtype}: inputs reach |x| = {largest:.3g}; "
-        f"rescale the inputs (e.g. standardise them){_wider_dtype_hint(x1.dtype)}"
-    )
-
-
-def check_finite_kernel(matrix: torch.Tensor, name: str) -> None:
-    """Raise a ``ValueError`` if the kernel ``name`` has an infinite or NaN entry.
-
-    With finite inputs (checked first, :func:`check_finite_inputs_kernel`) and closed-form
-    maps, inf and NaN arise only from an overflow through the layers (NaN as ``inf - inf``
-    or ``0 * inf``); ``Elementwise`` reports NaN from its own function itself.
-    """
-    if all_finite(matrix):
-        return
-    raise ValueError(
-        f"the {name.upper()} overflows {matrix.dtype} (inf or NaN entries): the kernel "
-        "grows beyond the floating-point range through the layers (e.g. a deep network of "
-        f"RectifiedMonomial(n >= 2) or large W_std); reduce W_std or the depth"
-        f"{_wider_dtype_hint(matrix.dtype)}"
-    )
 
 
 def standard_normal(
@@ -351,16 +235,6 @@ def standard_normal(
 ) -> torch.Tensor:
     """Standard normal draws in float64 on the CPU (the twin is cast afterwards)."""
     return torch.randn(shape, generator=generator, dtype=torch.float64)
-
-
-def single_kernel(k: KernelState, layer: Layer) -> Kernel:
-    """``k`` as one kernel, or a clear error if there are parallel branches."""
-    if not isinstance(k, Kernel):
-        raise ValueError(
-            f"{type(layer).__name__} got {len(k)} parallel branches; use Parallel to apply "
-            "layers per branch, or a FanIn layer to merge them"
-        )
-    return k
 
 
 def single_shape(shape: Shape, layer: Layer) -> tuple[int, ...]:

@@ -1,23 +1,23 @@
 """Combinators: sequences, branches and their merges, residual blocks.
 
 Branches are exact only where they are independent in the limit. Each kernel state
-carries the tokens of the weights it depends on directly (``Kernel.sources``); a
-weighted layer makes a fresh, centred Gaussian independent of everything that does
-not share its token. The merges check this and refuse what the kernels alone do not
+carries the identities of the weights it depends on directly (``Kernel.sources``, see
+:class:`widenets.requirements.WeightIdentity`); a weighted layer makes a fresh, centred
+Gaussian independent of everything that does not share its weights. The merges declare
+what they need (``needs``), and the engine refuses what the kernels alone do not
 determine, rather than return a wrong number.
 """
 
 from __future__ import annotations
-
-from itertools import combinations
 
 import torch
 from torch import nn
 
 from ..inputs import check_positive_int
 from ..kernel import Kernel
+from ..requirements import Needs
 from .activations import Identity
-from .base import KernelState, Layer, Shape, single_kernel, single_shape
+from .base import KernelState, Layer, Shape, single_shape
 
 
 def _check_layers(layers: tuple[object, ...], owner: str) -> tuple[Layer, ...]:
@@ -32,6 +32,8 @@ def _check_layers(layers: tuple[object, ...], owner: str) -> tuple[Layer, ...]:
 class Sequential(Layer):
     """Layers applied one after the other."""
 
+    needs = Needs(input="any")
+
     def __init__(self, *layers: Layer) -> None:
         self.layers = _check_layers(layers, "Sequential")
 
@@ -40,7 +42,7 @@ class Sequential(Layer):
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         for layer in self.layers:
-            k = layer.kernel_rule(k)
+            k = layer.transform(k)
         return k
 
     def build_module(
@@ -65,6 +67,8 @@ class SequentialModule(nn.ModuleList):
 class Parallel(Layer):
     """Applies its i-th layer to the i-th branch (after ``FanOut``)."""
 
+    needs = Needs(input="branches")
+
     def __init__(self, *layers: Layer) -> None:
         if not layers:
             raise ValueError("Parallel needs at least one layer")
@@ -80,10 +84,8 @@ class Parallel(Layer):
             )
 
     def kernel_rule(self, k: KernelState) -> KernelState:
-        if isinstance(k, Kernel):
-            raise ValueError("Parallel needs parallel branches: put FanOut(n) before it")
         self._check_branches(len(k))
-        return tuple(layer.kernel_rule(branch) for layer, branch in zip(self.layers, k))
+        return tuple(layer.transform(branch) for layer, branch in zip(self.layers, k))
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -109,7 +111,7 @@ class FanOut(Layer):
         self.n = check_positive_int(n, "n")
 
     def kernel_rule(self, k: KernelState) -> KernelState:
-        return (single_kernel(k, self),) * self.n
+        return (k,) * self.n
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -129,8 +131,6 @@ class FanOutModule(nn.Module):
 
 
 def _branches(k: KernelState, layer: Layer) -> tuple[Kernel, ...]:
-    if isinstance(k, Kernel):
-        raise ValueError(f"{type(layer).__name__} needs parallel branches: use FanOut first")
     for branch in k:
         if not isinstance(branch, Kernel):
             raise ValueError(f"{type(layer).__name__} got nested branches; merge them first")
@@ -162,11 +162,6 @@ def _check_equal_widths(branches: tuple[Kernel, ...], layer: Layer) -> None:
         raise ValueError(f"{type(layer).__name__} needs branches of equal width, got {widths}")
 
 
-def _independent(a: Kernel, b: Kernel) -> bool:
-    """Independent in the limit: no shared weights, and not both deterministic."""
-    return not (a.sources & b.sources) and bool(a.sources or b.sources)
-
-
 def _product(tensors: list[torch.Tensor]) -> torch.Tensor:
     out = tensors[0]
     for t in tensors[1:]:
@@ -195,16 +190,11 @@ class FanInSum(Layer):
     ``E[a(x) b(x')]`` vanishes; otherwise a ``ValueError`` is raised.
     """
 
+    needs = Needs(input="branches", independent_branches="sum")
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         branches = _branches(k, self)
         _check_equal_widths(branches, self)
-        for (i, a), (j, b) in combinations(enumerate(branches), 2):
-            if not (_independent(a, b) and (a.is_gaussian or b.is_gaussian)):
-                raise ValueError(
-                    f"FanInSum: branches {i} and {j} have a cross moment that their kernels "
-                    "do not determine; each pair needs one branch that ends with its own "
-                    "Linear layer (e.g. Residual(Sequential(ReLU(), Linear(...))))"
-                )
         ntk = None if branches[0].ntk is None else sum(b.ntk for b in branches)
         return _merge(branches, sum, ntk, is_gaussian=all(b.is_gaussian for b in branches))
 
@@ -219,15 +209,11 @@ class FanInProd(Layer):
     ``T = sum_i T_i prod_{j != i} K_j`` (product rule), exact for independent branches.
     """
 
+    needs = Needs(input="branches", independent_branches="product")
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         branches = _branches(k, self)
         _check_equal_widths(branches, self)
-        for (i, a), (j, b) in combinations(enumerate(branches), 2):
-            if not _independent(a, b):
-                raise ValueError(
-                    f"FanInProd: branches {i} and {j} are not independent (they share "
-                    "weights or are both deterministic); give each its own Linear layer"
-                )
         ntk = None
         if branches[0].ntk is not None:
             ntk = sum(
@@ -250,6 +236,8 @@ class FanInConcat(Layer):
     with different kernels is not one Gaussian, so an activation cannot follow it
     directly; a Linear layer can.
     """
+
+    needs = Needs(input="branches")
 
     def uses_declared_widths(self) -> bool:
         return True
@@ -296,6 +284,8 @@ class FanInModule(nn.Module):
 class Residual(Layer):
     """``x + block(x)``: ``Sequential(FanOut(2), Parallel(Identity(), block), FanInSum())``."""
 
+    needs = Needs(input="any")
+
     def __init__(self, block: Layer) -> None:
         self.block = _check_layers((block,), "Residual")[0]
         self._composed = Sequential(FanOut(2), Parallel(Identity(), block), FanInSum())
@@ -304,7 +294,7 @@ class Residual(Layer):
         return (self._composed,)
 
     def kernel_rule(self, k: KernelState) -> KernelState:
-        return self._composed.kernel_rule(k)
+        return self._composed.transform(k)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kernel import Layout
 from ..spatial import PADDINGS, AxisPadding, pad_images, padded_window_mean, padding
-from .base import KernelState, Layer, Shape, single_kernel, single_shape
+from .base import KernelState, Layer, Shape, single_shape
 from .dense import WeightedLayer, WeightedModule
 
 
@@ -86,7 +86,6 @@ class Conv(WeightedLayer):
         self.padding = check_padding(padding)
 
     def kernel_rule(self, k: KernelState) -> KernelState:
-        k = single_kernel(k, self)
         pads = window_paddings(self, k.layout.sizes)
 
         def filter_mean(moment: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from ..inputs import check_positive_int, check_scale
-from ..kernel import Kernel, new_source
-from .base import KernelState, Layer, Shape, single_kernel, single_shape, standard_normal
+from ..kernel import Kernel
+from ..requirements import WeightIdentity
+from .base import KernelState, Layer, Shape, single_shape, standard_normal
 
 PARAMETERIZATIONS = ("ntk", "standard")
 
@@ -57,8 +58,15 @@ class WeightedLayer(Layer):
     def uses_declared_widths(self) -> bool:
         return self.parameterization == "standard"
 
-    def affine_rule(self, averaged: Kernel, fan_in: int) -> Kernel:
-        """The output kernel from the input kernel ``averaged`` over one unit's inputs."""
+    def affine_rule(
+        self, averaged: Kernel, fan_in: int, weights: WeightIdentity | None = None
+    ) -> Kernel:
+        """The output kernel from the input kernel ``averaged`` over one unit's inputs.
+
+        ``weights``: the identity of the weights applied (a fresh one by default: every
+        application of a layer draws its own weights, as its finite twin does); an
+        application that reuses an identity uses the same weights (tied).
+        """
         w2, b2 = self.W_std**2, (self.b_std or 0.0) ** 2
         out = averaged.map_moments(lambda m: torch.mul(m, w2).add_(b2))
         ntk = averaged.ntk
@@ -68,7 +76,8 @@ class WeightedLayer(Layer):
             else:
                 ntk = fan_in * averaged.nngp + (1.0 if self.b_std else 0.0) + w2 * ntk
         return out.replace(
-            ntk=ntk, width=self.width, is_gaussian=True, sources=frozenset({new_source()})
+            ntk=ntk, width=self.width, is_gaussian=True,
+            sources=frozenset({weights or WeightIdentity()})
         )
 
 
@@ -80,7 +89,6 @@ class Linear(WeightedLayer):
     """
 
     def kernel_rule(self, k: KernelState) -> KernelState:
-        k = single_kernel(k, self)
         if k.layout.sizes:
             raise ValueError(_SPATIAL_INPUT_MESSAGE.format(len(k.layout.sizes)))
         return self.affine_rule(k, fan_in=k.width)

@@ -7,7 +7,8 @@ from torch import nn
 
 from ..inputs import check_nonnegative
 from ..kernel import batch_diagonal
-from .base import KernelState, Layer, Shape, single_kernel, single_shape
+from ..requirements import Needs
+from .base import KernelState, Layer, Shape, single_shape
 
 
 class LayerNorm(Layer):
@@ -30,14 +31,13 @@ class LayerNorm(Layer):
     def __init__(self, eps: float = 1e-12) -> None:
         self.eps = check_nonnegative(eps, "eps")
 
+    needs = Needs(gaussian_input=True)
+    gaussian_input_advice = (
+        "a centred Gaussian input: put it after a Linear layer (the feature mean of raw "
+        "inputs or of activations is not determined by the kernel)"
+    )
+
     def kernel_rule(self, k: KernelState) -> KernelState:
-        k = single_kernel(k, self)
-        if not k.is_gaussian:
-            raise ValueError(
-                "LayerNorm needs a centred Gaussian input: put it after a Linear layer "
-                "(the feature mean of raw inputs or of activations is not determined by "
-                "the kernel)"
-            )
         positions = k.layout.positions
         scale1 = _inverse_std(positions(k.var1), self.eps)
         scale2 = None if k.var2 is None else _inverse_std(positions(k.var2), self.eps)

@@ -2,8 +2,9 @@
 
 Pooling mixes positions with independent offsets in the two images, so its kernel
 rule needs the full spatial covariance (the paired layout); ``Flatten`` followed by a
-weighted layer needs only equal positions (the diagonal). ``Layer.kernel`` chooses the
-layout from :meth:`Layer.needs_full_covariance`.
+weighted layer needs only equal positions (the diagonal). Pooling layers declare it
+(``needs = Needs(full_covariance=True)``) and the engine chooses the layout from the
+declarations of all layers (:mod:`widenets.requirements`).
 """
 
 from __future__ import annotations
@@ -14,18 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernel import DENSE, Kernel, Layout
+from ..kernel import DENSE, Layout
+from ..requirements import Needs
 from ..spatial import pad_images, padded_window_mean
-from .base import KernelState, Layer, Shape, single_kernel, single_shape
+from .base import KernelState, Layer, Shape, single_shape
 from .conv import check_padding, check_window, window_paddings
-
-
-def _check_full_covariance(k: Kernel, layer: Layer) -> None:
-    if not k.layout.paired:
-        raise ValueError(
-            f"{type(layer).__name__} needs the full spatial covariance; call kernel with "
-            "spatial='auto' or 'full', not 'diagonal'"
-        )
 
 
 class AvgPool(Layer):
@@ -39,7 +33,7 @@ class AvgPool(Layer):
     """
 
     ndim = 2
-    pools_positions = True
+    needs = Needs(full_covariance=True)
 
     def __init__(
         self,
@@ -53,9 +47,7 @@ class AvgPool(Layer):
         self.padding = check_padding(padding)
 
     def kernel_rule(self, k: KernelState) -> KernelState:
-        k = single_kernel(k, self)
         pads = window_paddings(self, k.layout.sizes)
-        _check_full_covariance(k, self)
 
         def pool(moment: torch.Tensor) -> torch.Tensor:
             for dim, pad in enumerate(pads):
@@ -125,12 +117,10 @@ class GlobalAvgPool(Layer):
     two images' spatial means (Novak et al. 2019, Arora et al. 2019).
     """
 
-    pools_positions = True
+    needs = Needs(full_covariance=True)
 
     def kernel_rule(self, k: KernelState) -> KernelState:
-        k = single_kernel(k, self)
         _check_spatial(len(k.layout.sizes), self)
-        _check_full_covariance(k, self)
         axes = tuple(range(-k.layout.ndim, 0))
         return k.map_linear(lambda m: m.mean(dim=axes)).replace(layout=DENSE)
 
@@ -159,7 +149,6 @@ class Flatten(Layer):
     """
 
     def kernel_rule(self, k: KernelState) -> KernelState:
-        k = single_kernel(k, self)
         if not k.layout.sizes:
             return k
         layout = k.layout

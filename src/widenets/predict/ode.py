@@ -212,7 +212,7 @@ class _Setup:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(u_0, f_test_0, A)`` with ``A = [T; k_test_train]`` stacked, ``(N + M, N)``."""
         n, o = self.y.shape
-        u0 = as_initial(fx_train_0, (n, o), "fx_train_0").numpy()
+        u0 = as_initial(fx_train_0, (n, o), "fx_train_0").detach().cpu().numpy()
         if k_test_train is None:
             if fx_test_0 is not None:
                 raise ValueError("fx_test_0 was given without k_test_train")
@@ -222,7 +222,7 @@ class _Setup:
             raise ValueError(f"k_test_train must be (M, {n}), got {tuple(kx.shape)}")
         shape = (kx.shape[0], o)
         ft0 = np.zeros(shape) if fx_test_0 is None else \
-            as_initial(fx_test_0, shape, "fx_test_0").numpy()
+            as_initial(fx_test_0, shape, "fx_test_0").detach().cpu().numpy()
         return u0, ft0, np.concatenate([self.k, kx.numpy()])
 
     def solve(
