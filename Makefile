@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PEER_VENV := .venv-peer
 PEER_STAMP := $(PEER_VENV)/.installed
 
-.PHONY: demo test lint bench bench-peer clean
+.PHONY: demo test lint bench bench-peer gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,22 @@ bench: $(STAMP)
 	$(VPY) benchmarks/bench_tiles.py
 	$(VPY) benchmarks/bench_heap.py
 
-# Neural Tangents in its own environment, for the side-by-side comparison (issue 7).
+# CUDA checks, ready for a machine with a GPU: the tests marked `cuda` (tests/test_cuda.py:
+# every entry point on the GPU against the CPU), then the speed benchmark with its inputs
+# on the GPU. Without a GPU (torch.cuda.is_available() is False) the tests are reported as
+# skipped with that reason, the benchmark is left out and a message says so, and the exit
+# status is 0: it is non-zero only when a test or the benchmark fails.
+gpu-check: $(STAMP)
+	$(VPY) -m pytest -m cuda -rs -q
+	@if $(VPY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
+		echo "$(VPY) benchmarks/bench_speed.py --device cuda --float32"; \
+		$(VPY) benchmarks/bench_speed.py --device cuda --float32; \
+	else \
+		echo "gpu-check: no CUDA GPU found (torch.cuda.is_available() is False):" \
+			"the CUDA tests were skipped and the GPU benchmark was not run"; \
+	fi
+
+# Neural Tangents in its own environment, for the side-by-side comparison.
 $(PEER_STAMP):
 	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
 	$(PEER_VENV)/bin/python -m pip install --quiet --upgrade pip

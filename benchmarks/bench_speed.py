@@ -7,8 +7,17 @@ memory of the process and its increase over the memory just before the first cal
 ``--float32`` also times each workload on float32 inputs and prints the largest
 deviation from float64 relative to the largest entry, per kernel.
 
+``--device cuda`` (or ``cuda:N``) puts each workload's inputs on that CUDA device, so the
+kernels are computed there; the default is the CPU. The device's name is printed, every
+timed call is synchronised (``torch.cuda.synchronize()`` before the clock starts and
+after the call), and two more columns give the peak GPU memory allocated during the calls
+(``torch.cuda.max_memory_allocated``) and its increase over the memory allocated just
+before the first call (the inputs), besides the resident memory of the process. Without
+a CUDA GPU, ``--device cuda`` exits with status 2 and says so.
+
     python benchmarks/bench_speed.py [--repeats 3] [--workloads fc-relu-3,cnn-gap] [--float32]
-    python benchmarks/bench_speed.py --serve      # a worker (used by bench_peer.py)
+        [--device cpu | cuda | cuda:N]
+    python benchmarks/bench_speed.py --serve [--device D]   # a worker (used by bench_peer.py)
 """
 
 from __future__ import annotations
@@ -32,16 +41,62 @@ from serve import serve  # noqa: E402
 from workloads import WORKLOADS, describe, inputs, widenets_net  # noqa: E402
 
 
-def prepare(name: str, dtype: str):
-    """A call computing workload ``name`` with widenets, inputs in ``dtype``."""
-    x = torch.from_numpy(inputs(name)).to(getattr(torch, dtype))
+def prepare(name: str, dtype: str, device: str = "cpu"):
+    """A call computing workload ``name`` with widenets, inputs in ``dtype`` on ``device``.
+
+    The call returns the kernels as tensors on ``device`` (the worker copies them to the
+    host only to save them, outside the timings)."""
+    x = torch.from_numpy(inputs(name)).to(dtype=getattr(torch, dtype), device=device)
     net = widenets_net(name)
 
-    def call() -> dict[str, np.ndarray]:
+    def call() -> dict[str, torch.Tensor]:
         kernels = net.kernel(x, None, get=("nngp", "ntk"))
-        return {"nngp": kernels.nngp.numpy(), "ntk": kernels.ntk.numpy()}
+        return {"nngp": kernels.nngp, "ntk": kernels.ntk}
 
     return call
+
+
+class CudaDevice:
+    """A CUDA device for ``serve.py``: synchronisation and allocated memory."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.name = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def allocated_mib(self) -> float:
+        return torch.cuda.memory_allocated(self.device) / 2**20
+
+    def peak_mib(self) -> float:
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+def check_device(device: str) -> str:
+    """``device`` if the kernels can be benchmarked there (the CPU or an available CUDA
+    device), else exit with status 2 and a one-line message on standard error."""
+
+    def refuse(message: str) -> None:
+        print(f"bench_speed.py: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        refuse(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        refuse(f"--device {device} needs a CUDA GPU, and torch.cuda.is_available() is False")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        refuse(f"no CUDA device {device} (this machine has {torch.cuda.device_count()})")
+    return device
 
 
 class Worker:
@@ -78,8 +133,9 @@ class Worker:
         self.process.wait()
 
 
-def our_worker() -> Worker:
-    return Worker([sys.executable, os.path.abspath(__file__), "--serve"])
+def our_worker(device: str = "cpu") -> Worker:
+    """A widenets worker process computing on ``device``."""
+    return Worker([sys.executable, os.path.abspath(__file__), "--serve", "--device", device])
 
 
 def relative_errors(directory: str, name: str, reference: str) -> dict[str, float]:
@@ -97,26 +153,38 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--float32", action="store_true")
+    parser.add_argument("--device", default="cpu",
+                        help="where the kernels are computed: cpu (default), cuda or cuda:N")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    device = check_device(args.device)
+    on_cuda = torch.device(device).type == "cuda"
     if args.serve:
-        serve(prepare, IMPORT_SECONDS)
+        serve(lambda name, dtype: prepare(name, dtype, device), IMPORT_SECONDS,
+              CudaDevice(device) if on_cuda else None)
         return
     print(f"widenets {widenets.__version__}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, float64, x2=None, NNGP + NTK")
     header = (f"{'workload':<12} {'steady (s)':>10} {'first (s)':>9} {'first-steady':>12} "
               f"{'import (s)':>10} {'peak (MiB)':>10} {'increase':>9}")
+    if on_cuda:  # allocated by torch on the GPU, besides the resident memory above
+        header += f" {'GPU peak (MiB)':>14} {'GPU increase':>12}"
     if args.float32:
         header += f" {'float32 (s)':>11} {'f32 err nngp':>12} {'f32 err ntk':>11}"
+    print(f"device: {CudaDevice(device).name if on_cuda else 'cpu'}")
     print(header)
     for name in args.workloads.split(","):
-        worker = our_worker()
+        worker = our_worker(device)
         first = worker.ask("first", name)
         steady = min(worker.ask("time", name)["seconds"] for _ in range(args.repeats))
-        peak = worker.ask("memory")["peak_mib"]
+        memory = worker.ask("memory")
+        peak = memory["peak_mib"]
         line = (f"{name:<12} {steady:>10.3f} {first['seconds']:>9.3f} "
                 f"{first['seconds'] - steady:>12.3f} {worker.import_seconds:>10.2f} "
                 f"{peak:>10.0f} {peak - first['baseline_mib']:>9.0f}")
+        if on_cuda:
+            gpu_peak = memory["device_peak_mib"]
+            line += f" {gpu_peak:>14.0f} {gpu_peak - first['device_baseline_mib']:>12.0f}"
         if args.float32:
             worker.ask("first", name, "float32")
             single = min(worker.ask("time", name, "float32")["seconds"]

@@ -31,3 +31,15 @@ def rng() -> np.random.Generator:
 def random_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
     """Standard normal float64 inputs ``(n, d)``."""
     return torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``cuda`` marker: tests that need a CUDA GPU (``pytest -m cuda``).
+
+    Such tests also carry ``skipif(not torch.cuda.is_available())`` with its reason (see
+    ``tests/test_cuda.py``), so without a GPU they are reported as skipped, never run.
+    """
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU; compares CUDA results with CPU ones "
+        "(select with pytest -m cuda, skipped when torch.cuda.is_available() is False)"
+    )
