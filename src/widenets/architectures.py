@@ -1,5 +1,6 @@
 """Named architectures: the one place where the networks that the estimators, the command
-line, the demo, the lazy-training experiment and the benchmarks share are written.
+line, the demo, the lazy-training experiment and the benchmarks share are written; and
+the operations on architectures they share (their weighted layers, hidden widths).
 
 All are in the NTK parameterization, where the declared widths do not enter the kernels
 (they are the widths of the finite twins built with ``build``).
@@ -7,6 +8,9 @@ All are in the NTK parameterization, where the declared widths do not enter the 
 
 from __future__ import annotations
 
+import copy
+
+from .inputs import check_positive_int
 from .layers import (
     GELU,
     Abs,
@@ -37,6 +41,43 @@ CNN_READOUTS = ("gap", "flatten")
 
 #: The scales of the demo's networks (and of the lazy-training experiment).
 DEMO_W_STD, DEMO_B_STD, DEMO_READOUT_W_STD = 1.5, 0.05, 0.5
+
+
+def weighted_layers(net: Layer) -> list[Layer]:
+    """The weighted layers of ``net`` (those with a declared width, a ``width_argument``:
+    ``Linear``, the convolutions), depth-first through :meth:`~widenets.Layer.sublayers`,
+    in order; a layer object used at several places appears once per place."""
+    if not isinstance(net, Layer):
+        raise TypeError(f"net must be a widenets Layer, got {type(net).__name__}")
+    return [layer for layer in net.walk() if layer.width_argument is not None]
+
+
+def with_hidden_width(net: Layer, width: int, *, readout: bool = False) -> Layer:
+    """A deep copy of ``net`` whose hidden weighted layers (:func:`weighted_layers`) all
+    have ``width`` units (or channels); the last one, the read-out, keeps its width (the
+    number of outputs) unless ``readout``. ``net`` itself is not changed.
+
+    In the NTK parameterization the kernels do not depend on these widths, so the copy
+    has the same NNGP and NTK as ``net``; its finite twin (:meth:`~widenets.Layer.build`)
+    has them. Raises ``TypeError`` if ``net`` is not a ``Layer``,
+    ``TypeError``/``ValueError`` for a width that is not a positive integer, and
+    ``ValueError`` if ``net`` has no weighted layer or if its read-out layer object is
+    also used as a hidden layer.
+    """
+    width = check_positive_int(width, "width")
+    copied = copy.deepcopy(net)
+    layers = weighted_layers(copied)
+    if not layers:
+        raise ValueError(f"net has no weighted layer (Linear or convolution): {net!r}")
+    *hidden, last = layers
+    if not readout and any(layer is last for layer in hidden):
+        raise ValueError(
+            "the read-out layer (the last weighted layer) is also used as a hidden layer "
+            "(the same object appears twice in net); give each place its own layer"
+        )
+    for layer in (layers if readout else hidden):
+        layer.width = width
+    return copied
 
 
 def activation_layer(activation: str | Layer) -> Layer:
@@ -117,5 +158,5 @@ def demo_cnn(channels: int = 1, outputs: int = 10) -> Sequential:
 
 
 __all__ = ["ACTIVATIONS", "CNN_READOUTS", "activation_layer", "cnn", "demo_cnn", "demo_mlp",
-           "mlp"]
+           "mlp", "weighted_layers", "with_hidden_width"]
 

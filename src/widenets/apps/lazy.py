@@ -45,7 +45,6 @@ widths 64 to 4096, 60 steps, seeds 0 to 3; two hidden layers: 20 inputs, widths 
 
 from __future__ import annotations
 
-import copy
 import math
 import platform
 import time
@@ -60,12 +59,11 @@ import torch
 from ..architectures import DEMO_B_STD as B_STD
 from ..architectures import DEMO_READOUT_W_STD as READOUT_W_STD
 from ..architectures import DEMO_W_STD as HIDDEN_W_STD
-from ..architectures import demo_mlp
+from ..architectures import demo_mlp, weighted_layers, with_hidden_width
 from ..datasets import load_digits
 from ..empirical import empirical_ntk
 from ..inputs import as_data_tensor, check_finite_number, check_positive_int
 from ..layers import Layer
-from ..layers.dense import WeightedLayer
 from ..linearize import linearize
 from .common import progress_bar, relative_distance, twin_seed
 
@@ -85,56 +83,6 @@ DEFAULT_NTK_POINTS = 50
 
 
 # ------------------------------------------------------------------ architectures
-def weighted_layers(net: Layer) -> list[WeightedLayer]:
-    """The weighted layers (``Linear``, convolutions: any :class:`WeightedLayer`) of
-    ``net``, depth-first through :meth:`~widenets.Layer.sublayers`, in order.
-
-    A layer object used at several places appears once per place.
-    """
-    if not isinstance(net, Layer):
-        raise TypeError(f"net must be a widenets Layer, got {type(net).__name__}")
-    found: list[WeightedLayer] = []
-
-    def walk(layer: Layer) -> None:
-        if isinstance(layer, WeightedLayer):
-            found.append(layer)
-        for sub in layer.sublayers():
-            walk(sub)
-
-    walk(net)
-    return found
-
-
-def with_hidden_width(net: Layer, width: int) -> Layer:
-    """A deep copy of ``net`` whose hidden weighted layers all have ``width``.
-
-    Every :class:`~widenets.layers.dense.WeightedLayer` (``Linear``, ``Conv1d/2d/3d``)
-    found by :func:`weighted_layers` gets ``width`` (units, or channels) except the
-    last one, the read-out, which keeps its width (the number of outputs). ``net`` itself
-    is not changed. In NTK parameterization the kernels do not depend on the hidden
-    widths, so the copy has the same NNGP and NTK as ``net``; its finite twin
-    (:meth:`~widenets.Layer.build`) has hidden width ``width``.
-
-    Raises ``TypeError`` if ``net`` is not a ``Layer``, ``TypeError``/``ValueError`` for a
-    width that is not a positive integer, and ``ValueError`` if ``net`` has no weighted
-    layer or if its read-out layer object is also used as a hidden layer.
-    """
-    width = check_positive_int(width, "width")
-    copied = copy.deepcopy(net)
-    layers = weighted_layers(copied)
-    if not layers:
-        raise ValueError(f"net has no weighted layer (Linear or convolution): {net!r}")
-    *hidden, readout = layers
-    if any(layer is readout for layer in hidden):
-        raise ValueError(
-            "the read-out layer (the last weighted layer) is also used as a hidden layer "
-            "(the same object appears twice in net); give each place its own layer"
-        )
-    for layer in hidden:
-        layer.width = width
-    return copied
-
-
 def lazy_architecture(
     width: int = 1, hidden_layers: int = DEFAULT_HIDDEN_LAYERS, outputs: int = 10
 ) -> Layer:

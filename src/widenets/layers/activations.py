@@ -415,6 +415,13 @@ def checked_elementwise(fn: Callable[[Tensor], Tensor], x: Tensor, what: str) ->
     return out.to(x.dtype)
 
 
+#: ``Elementwise(degree=None)``: its per-entry degrees are multiples of this (a few
+#: quadrature calls per map rather than one per distinct variance).
+DEGREE_STEP = 16
+#: ``Elementwise(degree=None)``: the largest degree chosen.
+MAX_DEGREE = 256
+
+
 class Elementwise(Activation):
     """Any elementwise torch function, its maps by 2-D Gauss--Hermite quadrature.
 
@@ -422,9 +429,11 @@ class Elementwise(Activation):
         fn: a function of a tensor, applied elementwise (``torch.tanh``, a lambda...).
         fn_prime: its derivative; by autograd when ``None``.
         degree: quadrature points per dimension (``degree^2`` evaluations per entry);
-            ``None`` chooses it from the largest pre-activation variance ``q`` of each
-            call, ``80 * sqrt(max(q, 1))`` rounded up and capped at 256, because a
-            function of ``sqrt(q) z`` varies faster as ``q`` grows.
+            ``None`` chooses it for each entry from its larger pre-activation variance
+            ``q``: ``80 * sqrt(max(q, 1))`` rounded up to a multiple of
+            :data:`DEGREE_STEP` and capped at 256, because a function of ``sqrt(q) z``
+            varies faster as ``q`` grows. Per entry, so that an entry does not depend on
+            which other inputs share its call (the batch, the tile).
 
     Accuracy (measured against the closed forms in ``tests/test_activations.py``):
     with ``degree=None``, entire functions of moderate growth (erf, sin, cos, GELU,
@@ -458,15 +467,15 @@ class Elementwise(Activation):
 
     def _moments(self, fn, what, q1, q2, rho):
         high, low = torch.maximum(q1, q2), torch.minimum(q1, q2)
-        degree = self.degree
-        if degree is None:
-            largest = max(float(high.max()), 1.0)
-            degree = min(256, math.ceil(80 * math.sqrt(largest)))
 
         def checked(x: Tensor) -> Tensor:
             return checked_elementwise(fn, x, f"Elementwise's {what}")
 
-        moments = gaussian.quadrature_moments(checked, checked, high, low, rho, degree)
+        if self.degree is not None:
+            moments = gaussian.quadrature_moments(checked, checked, high, low, rho,
+                                                  self.degree)
+        else:
+            moments = self._moments_by_entry_degree(checked, high, low, rho)
         if moments.numel() and not bool(torch.isfinite(moments).all()):
             raise ValueError(
                 f"Elementwise's {what} returned NaN or inf at some Gauss-Hermite nodes "
@@ -474,6 +483,20 @@ class Elementwise(Activation):
                 "finite on the whole real line"
             )
         return moments
+
+    @staticmethod
+    def _moments_by_entry_degree(fn, high: Tensor, low: Tensor, rho: Tensor) -> Tensor:
+        """Quadrature with each entry's own degree (see ``degree``), one call per degree."""
+        shape = torch.broadcast_shapes(high.shape, low.shape, rho.shape)
+        high, low, rho = (t.expand(shape).reshape(-1) for t in (high, low, rho))
+        needed = torch.ceil(80 * torch.sqrt(high.clamp_min(1.0)) / DEGREE_STEP) * DEGREE_STEP
+        degrees = needed.clamp_max(MAX_DEGREE).to(torch.int64)
+        out = torch.empty_like(rho)
+        for degree in torch.unique(degrees).tolist():
+            chosen = degrees == degree
+            out[chosen] = gaussian.quadrature_moments(fn, fn, high[chosen], low[chosen],
+                                                      rho[chosen], int(degree))
+        return out.reshape(shape)
 
     def nngp_map(self, q1, q2, c, rho):
         return self._moments(self.fn, "fn", q1, q2, rho)
