@@ -253,8 +253,13 @@ def test_local_cluster_gives_the_identical_matrix(tmp_path):
                                   client=client)
         stored = wn.kernel_matrix(FC, x1, get="ntk", tile=5, progress=False, client=client,
                                   store=tmp_path / "k.zarr")
+        # The same call again at once, and again: equal data scattered under one key lost
+        # its dependencies while the previous call's copy was being released.
+        repeated = [wn.kernel_matrix(FC, x1, get="ntk", tile=5, progress=False,
+                                     client=client) for _ in range(3)]
     for name in ("nngp", "ntk"):
         assert torch.equal(result[name], expected[name])
+    assert all(torch.equal(again, symmetric) for again in repeated)
     assert torch.equal(stored, symmetric)
     assert torch.equal(wn.load_kernel(tmp_path / "k.zarr"), symmetric)
 

@@ -187,8 +187,13 @@ def _results(net, x1, x2, todo: list[Tile], names, client) -> Iterator[tuple[Til
         return
     from distributed import as_completed
 
-    net_f, x1_f = client.scatter(net, broadcast=True), client.scatter(x1, broadcast=True)
-    x2_f = None if x2 is None else client.scatter(x2, broadcast=True)
+    # Scattered under fresh keys (hash=False): content-hashed keys are shared by calls with
+    # equal data, and a call made while the previous one's data is being released lost its
+    # dependencies. Not broadcast: the workers fetch what they need from each other, while
+    # broadcasting replicates through the scheduler, which fights the active memory
+    # manager's reduction of replicas (hangs, dask/distributed#4907).
+    net_f, x1_f = client.scatter(net, hash=False), client.scatter(x1, hash=False)
+    x2_f = None if x2 is None else client.scatter(x2, hash=False)
     futures = {client.submit(compute_tile, net_f, x1_f, x2_f, tile, names, pure=False): tile
                for tile in todo}
     for future in as_completed(futures):
