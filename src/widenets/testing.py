@@ -893,8 +893,8 @@ def check_layer(
 
     ``before`` defaults to one weighted layer of width 8 (``Linear``; for images a
     ``"same"`` 3 x 3 convolution with 8 channels), so that the layer's input is a centred
-    Gaussian; ``after`` to a
-    ``Linear`` read-out of one output (``Flatten`` first for images). Give them to embed a
+    Gaussian; ``after`` to a ``Linear`` read-out of one output (``Flatten`` first for
+    images). Give them to embed a
     layer that needs more (``FanOut`` before a ``Parallel``, a ``FanIn`` after it,
     ``GlobalAvgPool`` after a pooling layer...). ``input_shape``: the per-example shape,
     ``(features,)`` or ``(C, *sizes)``. ``inputs``: ``(x1, x2)`` instead of
