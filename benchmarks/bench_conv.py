@@ -1,6 +1,6 @@
 """Time the analytic kernels of convolutional networks on 8x8 images, per pair of images.
 
-Workloads (the shapes of issue 7): three ``Conv2d(64, 3, padding="same", W_std=1.5,
+Workloads (the shapes of the speed workloads): three ``Conv2d(64, 3, padding="same", W_std=1.5,
 b_std=0.05)`` + ReLU layers on 3-channel 8x8 images, then ``Flatten`` (400 images) or
 ``GlobalAvgPool`` (64 images), and a ``Linear(1)`` read-out; NNGP + NTK, ``x2=None``,
 float64. A symmetric call computes ``N (N + 1) / 2`` pairs.

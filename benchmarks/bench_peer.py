@@ -1,4 +1,4 @@
-"""widenets against Neural Tangents on the same machine, workload by workload (issue 7).
+"""widenets against Neural Tangents on the same machine, workload by workload.
 
 Starts two workers (``serve.py``): widenets in this environment and Neural Tangents
 0.6.5 in the peer's (``--peer-python``, made by ``make bench-peer``). For each workload

@@ -1,4 +1,4 @@
-"""Time widenets' analytic kernels on the named workloads (``workloads.py``, issue 7).
+"""Time widenets' analytic kernels on the named workloads (``workloads.py``).
 
 Each workload runs in a fresh process (a worker, see ``serve.py``), which reports:
 the import time of widenets; the first call (nothing computed before it in that

@@ -1,4 +1,4 @@
-"""The fast paths of the analytic kernels against the straightforward ones (issue 7).
+"""The fast paths of the analytic kernels against the straightforward ones.
 
 Fast: fused in-place activation maps (``pair_maps``), correlations snapped only when an
 entry is near +-1 (``fast_correlation``), zero-padded windows summed over slices
