@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m ruff check src tests benchmarks
+	$(VPY) -m mypy
 	$(VPY) -m pytest -q
 
 lint: $(STAMP)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from .engine import check_progress, progress_bar
 from .inputs import all_finite, as_input_pair, check_positive_int
 from .structured_ntk import (
     AffineLayer,
@@ -245,9 +246,11 @@ def _nbytes(parts: object) -> int:
     return 0
 
 
-def _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs) -> torch.Tensor:
+def _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs,
+                     progress: bool | None = False) -> torch.Tensor:
     """``(N1, N2, ...)`` from per-batch parts: ``parts_of(batch)``, then
-    ``contract(parts1, parts2)`` per pair of batches.
+    ``contract(parts1, parts2)`` per pair of batches (a tqdm bar over the contracted
+    blocks as :func:`empirical_ntk`'s ``progress`` says).
 
     The parts of ``x2``'s batches are kept while they fit in :data:`PARTS_CACHE_BYTES`
     and recomputed otherwise. With ``t2=None`` only the upper triangle of blocks is
@@ -267,16 +270,20 @@ def _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs) -> torch.T
             cache[start], cached_bytes = value, cached_bytes + size
         return value
 
-    blocks = {}
-    for i in range(0, t1.shape[0], batch_size):
-        parts1 = column_parts(i) if t2 is None else parts_of(t1[i : i + batch_size])
-        for j in range(0, second.shape[0], batch_size):
-            if t2 is None and j < i:
-                mirror = blocks[j, i].transpose(0, 1)
-                blocks[i, j] = mirror if outputs == "mean" else mirror.transpose(2, 3)
-            else:
-                parts2 = parts1 if t2 is None and j == i else column_parts(j)
-                blocks[i, j] = contract(parts1, parts2)
+    blocks: dict[tuple[int, int], torch.Tensor] = {}
+    n_rows, n_cols = -(-t1.shape[0] // batch_size), -(-second.shape[0] // batch_size)
+    total = n_rows * (n_rows + 1) // 2 if t2 is None else n_rows * n_cols
+    with progress_bar(total, progress, "empirical NTK", "block") as bar:
+        for i in range(0, t1.shape[0], batch_size):
+            parts1 = column_parts(i) if t2 is None else parts_of(t1[i : i + batch_size])
+            for j in range(0, second.shape[0], batch_size):
+                if t2 is None and j < i:
+                    mirror = blocks[j, i].transpose(0, 1)
+                    blocks[i, j] = mirror if outputs == "mean" else mirror.transpose(2, 3)
+                else:
+                    parts2 = parts1 if t2 is None and j == i else column_parts(j)
+                    blocks[i, j] = contract(parts1, parts2)
+                    bar.update(1)
     return _assemble(blocks, t1.shape[0], second.shape[0], batch_size)
 
 
@@ -292,7 +299,8 @@ def _contract_jacobians(jac1: dict, jac2: dict, outputs: str) -> torch.Tensor:
     return sum(torch.einsum(equation, flat(jac1[name]), flat(jac2[name])) for name in jac1)
 
 
-def _jacobian_contraction(model, t1, t2, params, buffers, batch_size, outputs):
+def _jacobian_contraction(model, t1, t2, params, buffers, batch_size, outputs,
+                          progress: bool | None = False):
     """Per-example Jacobians contracted over the parameters: ``(N1, N2, O, O)``, or only
     the sum of the diagonal blocks ``(N1, N2)`` for ``outputs="mean"``."""
 
@@ -300,7 +308,8 @@ def _jacobian_contraction(model, t1, t2, params, buffers, batch_size, outputs):
         return _contract_jacobians(jac1, jac2, outputs)
 
     return _pairwise_blocks(t1, t2, batch_size,
-                            lambda x: _jacobians(model, x, params, buffers), contract, outputs)
+                            lambda x: _jacobians(model, x, params, buffers), contract, outputs,
+                            progress)
 
 
 def _probe(model, t1, params, buffers) -> tuple[list[AffineLayer], int]:
@@ -355,7 +364,8 @@ def estimated_costs(
     return costs
 
 
-def _structured_contraction(model, t1, t2, params, buffers, batch_size, outputs, layers):
+def _structured_contraction(model, t1, t2, params, buffers, batch_size, outputs, layers,
+                            progress: bool | None = False):
     """Jacobians for the other parameters, per-layer factored contractions for ``layers``
     (Novak et al. 2022, structured derivatives; see :mod:`.structured_ntk`)."""
 
@@ -371,10 +381,11 @@ def _structured_contraction(model, t1, t2, params, buffers, batch_size, outputs,
                                       layer_parts2[layer.name], outputs)
         return block
 
-    return _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs)
+    return _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs, progress)
 
 
-def _ntk_vector_products(model, t1, t2, params, buffers, batch_size, outputs):
+def _ntk_vector_products(model, t1, t2, params, buffers, batch_size, outputs,
+                         progress: bool | None = False):
     """``(N1, N2, O, O)`` from NTK-vector products, without materialising Jacobians.
 
     For each batch of ``x2``, ``J(x2)^T v`` by a vjp for every basis vector ``v`` of its
@@ -396,7 +407,7 @@ def _ntk_vector_products(model, t1, t2, params, buffers, batch_size, outputs):
         full = products.reshape(n2, n_out, rows.shape[0], n_out).permute(2, 0, 3, 1)
         return _reduce_outputs(full, outputs)
 
-    return _pairwise_blocks(t1, t2, batch_size, lambda x: x, block, outputs)
+    return _pairwise_blocks(t1, t2, batch_size, lambda x: x, block, outputs, progress)
 
 
 def _assemble(blocks: dict, n1: int, n2: int, batch_size: int) -> torch.Tensor:
@@ -413,6 +424,7 @@ def empirical_ntk(
     outputs: str = "mean",
     implementation: str = "auto",
     batch_size: int = 64,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     r"""The empirical NTK ``sum_p <df_o(x1)/dp, df_o'(x2)/dp>`` of any module.
 
@@ -439,6 +451,9 @@ def empirical_ntk(
             blocks are kept up to :data:`PARTS_CACHE_BYTES` (1 GiB) and recomputed
             beyond, so memory stays bounded; with ``x2=None`` only the upper triangle
             of blocks is contracted.
+        progress: a tqdm bar over the contracted blocks on stderr: ``True`` always,
+            ``False`` never, ``None`` (default) only for a call of several blocks that
+            is still running after 2 seconds.
 
     BatchNorm layers must be in eval mode (a ``ValueError`` otherwise): in training mode
     their batch statistics couple the examples of a batch. Raises ``TypeError`` if the
@@ -450,6 +465,7 @@ def empirical_ntk(
     outputs = _check_choice(outputs, OUTPUTS, "outputs")
     implementation = _check_choice(implementation, IMPLEMENTATIONS, "implementation")
     batch_size = check_positive_int(batch_size, "batch_size")
+    progress = check_progress(progress)
     t1, t2 = _model_inputs(model, x1, x2)
     _check_batch_norm_eval(model)
     model = private_copy(model)
@@ -466,10 +482,10 @@ def empirical_ntk(
     arguments = (model, t1, t2, params, buffers, batch_size, outputs)
     with torch.no_grad():
         if implementation == "structured" and factored:
-            kernel = _structured_contraction(*arguments, factored)
+            kernel = _structured_contraction(*arguments, factored, progress)
         elif implementation == "ntk_vector":
-            kernel = _ntk_vector_products(*arguments)
+            kernel = _ntk_vector_products(*arguments, progress)
         else:
-            kernel = _jacobian_contraction(*arguments)
+            kernel = _jacobian_contraction(*arguments, progress)
     # "mean": every implementation sums the O diagonal blocks; divide once here.
     return _check_finite(kernel / n_out if outputs == "mean" else kernel, "NTK")

@@ -11,9 +11,12 @@ non-finite results. The layers only transform kernel states (``Layer.transform``
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .heap import keep_freed_temporaries
 from .inputs import COMPUTE_DTYPES, all_finite, as_input_pair, parse_get
@@ -32,19 +35,43 @@ TILE_ENTRIES = 1 << 18
 #: 1.4 times faster than 2^17 on the pooled CNN and as fast on the Flatten CNN.
 SPATIAL_TILE_ENTRIES = 1 << 19
 SPATIAL_CHOICES = ("auto", "full", "diagonal")
+#: Seconds a call runs before its progress bar appears when ``progress=None`` (auto):
+#: quick calls print nothing, long ones show how far they are.
+PROGRESS_DELAY = 2.0
+
+
+def check_progress(progress: object) -> bool | None:
+    """Return ``progress`` if it is ``True``, ``False`` or ``None`` (a ``TypeError``
+    otherwise)."""
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    return progress
+
+
+def progress_bar(total: int, progress: bool | None, desc: str, unit: str) -> tqdm:
+    """A tqdm bar on stderr over ``total`` steps: ``progress=True`` always shown,
+    ``False`` never, ``None`` (auto) only once the call has run :data:`PROGRESS_DELAY`
+    seconds and has more than one step."""
+    progress = check_progress(progress)
+    disable = progress is False or (progress is None and total <= 1)
+    delay = PROGRESS_DELAY if progress is None else 0.0
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, delay=delay,
+                file=sys.stderr)
 
 
 def compute_kernels(
     net: Any,
     x1: object,
     x2: object | None = None,
-    get: str | tuple[str, ...] = "ntk",
+    get: str | Sequence[str] = "ntk",
     spatial: str = "auto",
     dtype: torch.dtype | None = None,
+    progress: bool | None = None,
 ) -> torch.Tensor | Kernels:
-    """``net.kernel(x1, x2, get, spatial=spatial, dtype=dtype)``: see
-    :meth:`widenets.Layer.kernel` for the arguments and the result."""
+    """``net.kernel(x1, x2, get, spatial=spatial, dtype=dtype, progress=progress)``:
+    see :meth:`widenets.Layer.kernel` for the arguments and the result."""
     names = parse_get(get)
+    progress = check_progress(progress)
     t1, t2 = as_input_pair(x1, x2)
     if dtype is not None:
         if dtype not in COMPUTE_DTYPES:
@@ -69,17 +96,20 @@ def compute_kernels(
     budget = SPATIAL_TILE_ENTRIES if layout.sizes else TILE_ENTRIES
     pairs_per_tile = max(1, budget // layout.positions_per_pair)
     side = max(1, math.isqrt(pairs_per_tile))
-    for tile in plan_tiles(t1.shape[0], second.shape[0], side, side, t2 is None):
-        rows, cols = tile.rows, tile.cols
-        diagonal = t2 is None and tile.is_diagonal
-        block = kernel_block(net, t1[rows], None if diagonal else second[cols], names,
-                             paired)
-        for name in names:
-            check_finite_kernel(block[name], name)
-            result[name][rows, cols] = block[name]
-            if t2 is None and not diagonal:
-                # a contiguous transposed copy takes torch's blocked transpose kernel
-                result[name][cols, rows] = block[name].T.contiguous()
+    tiles = plan_tiles(t1.shape[0], second.shape[0], side, side, t2 is None)
+    with progress_bar(len(tiles), progress, "kernel", "tile") as bar:
+        for tile in tiles:
+            rows, cols = tile.rows, tile.cols
+            diagonal = t2 is None and tile.is_diagonal
+            block = kernel_block(net, t1[rows], None if diagonal else second[cols], names,
+                                 paired)
+            for name in names:
+                check_finite_kernel(block[name], name)
+                result[name][rows, cols] = block[name]
+                if t2 is None and not diagonal:
+                    # a contiguous transposed copy takes torch's blocked transpose kernel
+                    result[name][cols, rows] = block[name].T.contiguous()
+            bar.update(1)
     if isinstance(get, str):
         return result[get]
     return Kernels(**result)
@@ -114,7 +144,8 @@ def kernel_block(
             f"the network's output still has {len(state.layout.sizes)} spatial axes; end "
             "it with Flatten() or GlobalAvgPool() and a Linear read-out"
         )
-    block = {"nngp": state.nngp, "ntk": state.ntk}
+    # the NTK is carried exactly when it is requested (``with_ntk`` above)
+    block = {"nngp": state.nngp} if state.ntk is None else {"nngp": state.nngp, "ntk": state.ntk}
     return {name: 0.5 * (block[name] + block[name].T) if x2 is None else block[name]
             for name in names}
 

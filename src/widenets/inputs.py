@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 KERNEL_NAMES = ("nngp", "ntk")
+
+#: At most this many channels on the last axis, and more than this many on the second,
+#: make an input of 3 to 5 dimensions look channels-last (see :func:`warn_channels_last`).
+FEW_CHANNELS = 4
+#: Layouts per number of dimensions: (what widenets reads, what the input looks like).
+_LAYOUTS = {
+    3: ("(N, C, L)", "(N, L, C)"),
+    4: ("(N, C, H, W)", "(N, H, W, C)"),
+    5: ("(N, C, D, H, W)", "(N, D, H, W, C)"),
+}
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def as_data_tensor(x: object, name: str) -> torch.Tensor:
@@ -45,7 +59,44 @@ def as_data_tensor(x: object, name: str) -> torch.Tensor:
         raise ValueError(f"{name} is empty: shape {tuple(tensor.shape)}")
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or inf values")
+    warn_channels_last(tensor.shape, name)
     return tensor
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn``, called by the caller of this function,
+    that points at the first frame outside widenets (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_channels_last(shape: Sequence[int], name: str) -> None:
+    """Warn (``UserWarning``) if an input of ``shape`` looks channels-last.
+
+    widenets reads convolutional inputs channels-first, as PyTorch does: ``(N, C, L)``,
+    ``(N, C, H, W)``, ``(N, C, D, H, W)``. An input of 3 to 5 dimensions whose last axis
+    is small (at most :data:`FEW_CHANNELS`) while its second is not, like an image batch
+    ``(N, 32, 32, 3)``, is most likely ``(N, H, W, C)`` and would be read as 32 channels
+    of 32 x 3 pixels; the warning names ``name``, the layouts and the conversion.
+    """
+    if len(shape) not in _LAYOUTS:
+        return
+    channels, second = int(shape[-1]), int(shape[1])
+    if channels > FEW_CHANNELS or second <= FEW_CHANNELS:
+        return
+    expected, looks = _LAYOUTS[len(shape)]
+    order = (0, len(shape) - 1, *range(1, len(shape) - 1))
+    warnings.warn(
+        f"{name} has shape {tuple(shape)}, which looks like {looks} with C = {channels} "
+        f"channel{'s' if channels != 1 else ''} last; widenets reads it as {expected} "
+        f"(PyTorch's layout), that is, {second} channels of "
+        f"size {' x '.join(str(int(n)) for n in shape[2:])}. If it is channels-last, convert "
+        f"it with x.permute{order} (torch) or np.transpose(x, {order}) (NumPy)",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 #: Floating dtypes the kernels are computed in.

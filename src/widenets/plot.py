@@ -22,11 +22,16 @@ import numpy as np
 import torch
 
 from .inputs import as_data_tensor, check_nonnegative
+from .optional import require
 from .predict import KernelSource, gp_inference, gradient_descent_mse_ensemble
 from .predict.common import Spectrum, TrainingKernels, check_get, spectral_filters, training_data
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+
+# Checked here, so that importing this module without matplotlib names the extra; the
+# submodules that draw (matplotlib.figure, colormaps) are imported on first use.
+require("matplotlib", "demo", "widenets.plot")
 
 Tensor = torch.Tensor
 

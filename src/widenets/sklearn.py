@@ -23,9 +23,16 @@ import numpy as np
 import torch
 from numpy.polynomial.hermite_e import hermegauss
 from scipy.special import log_ndtr, logsumexp
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted
+
+from .optional import require
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import check_is_fitted
+except ModuleNotFoundError:
+    require("sklearn", "demo", "widenets.sklearn")  # names the extra if sklearn is missing
+    raise
 
 try:
     from sklearn.utils.validation import validate_data

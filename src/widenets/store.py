@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .inputs import KERNEL_NAMES
+from .optional import require
 from .tiling import Tile
 
 #: Folder of finished-tile markers inside a store.
@@ -331,7 +332,7 @@ class TileStore:
         """Marker first (from then on the folder is widenets'), then the Zarr group and
         its arrays, the ``done`` folder, and the identity last (from then on the store
         exists). A creation killed at any step is recognised and started over."""
-        import zarr
+        zarr = require("zarr", "store", "a kernel store (kernel_matrix(store=...), load_kernel)")
 
         marker = self.path / MARKER
         if not marker.exists():
@@ -364,7 +365,7 @@ class TileStore:
 
     def _open_arrays(self) -> None:
         """Open the group and its arrays, checking them against the identity."""
-        import zarr
+        zarr = require("zarr", "store", "a kernel store (kernel_matrix(store=...), load_kernel)")
 
         shape = tuple(self.identity["shape"])
         chunks = tuple(self.identity["tile"])

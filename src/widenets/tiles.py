@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
+from .optional import require
 from .requirements import network_needs
 from .specs import NotCanonicalError
 from .store import DONE as DONE
@@ -185,7 +186,7 @@ def _results(net, x1, x2, todo: list[Tile], names, client) -> Iterator[tuple[Til
         for tile in todo:
             yield tile, compute_tile(net, x1, x2, tile, names)
         return
-    from distributed import as_completed
+    as_completed = require("distributed", "dask", "kernel_matrix(client=...)").as_completed
 
     # Scattered under fresh keys (hash=False): content-hashed keys are shared by calls with
     # equal data, and a call made while the previous one's data is being released lost its
@@ -301,6 +302,8 @@ def prepare_kernel(
     if not isinstance(net, Layer):
         raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")
     names = parse_get(get)
+    if store is not None:  # before the store's folder is touched
+        require("zarr", "store", "kernel_matrix(store=...)")
     if memory_limit is not None:
         memory_limit = positive_count(memory_limit, "memory_limit")
     auto = isinstance(tile, str)
@@ -418,6 +421,8 @@ def kernel_matrix(
     Returns a CPU tensor ``(N1, N2)`` in the inputs' dtype (or :class:`Kernels`). The
     same as :func:`compute_kernel` of :func:`prepare_kernel`.
     """
+    if client is not None:  # before any store is opened and locked
+        require("distributed", "dask", "kernel_matrix(client=...)")
     job = prepare_kernel(net, x1, x2, get, tile, store, memory_limit)
     return compute_kernel(job, progress, client)
 

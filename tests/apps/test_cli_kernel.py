@@ -254,3 +254,27 @@ def test_a_damaged_tile_is_repaired_by_the_same_command(tmp_path, capsys, monkey
     torch.testing.assert_close(wn.load_kernel(store),
                                net.kernel(torch.from_numpy(digits(40)), None, get="ntk"),
                                rtol=1e-12, atol=1e-13)
+
+
+def test_the_command_line_starts_without_the_demo_extras():
+    """``widenets --version`` and ``widenets kernel --help`` need neither matplotlib nor
+    scikit-learn (a plain install has neither); building the parser imported the demo."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["matplotlib"] = None
+        sys.modules["sklearn"] = None
+        from widenets.apps import cli
+        for argv in (["--version"], ["kernel", "--help"]):
+            try:
+                cli.main(argv)
+            except SystemExit as stop:
+                assert stop.code == 0, (argv, stop.code)
+        print("started")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "started" in out.stdout and "widenets 0.1.0" in out.stdout

@@ -41,7 +41,6 @@ from ..architectures import DEMO_W_STD as HIDDEN_W_STD
 from ..architectures import demo_cnn, demo_mlp
 from ..datasets import DigitsData, as_images, load_digits
 from ..layers.base import Layer
-from ..plot import expected_losses, plot_expected_losses
 from ..predict import KernelSource, gp_inference, gradient_descent_mse
 from ..version import __version__
 from .common import progress_bar, relative_distance, require, twin_seed
@@ -261,6 +260,8 @@ def infinite_predictions(
         bar.set_postfix_str("NTK ensemble over time")
         start = time.perf_counter()
         table_times, times = ensemble_times(steps, learning_rate)
+        from ..plot import expected_losses  # matplotlib: only when the demo runs
+
         losses = expected_losses(kernels, data.x_train, data.y_train, data.x_test,
                                  data.y_test, times, learning_rate=1.0,
                                  diag_reg=results["ntk_diag_reg"], get="ntk")
@@ -650,6 +651,8 @@ def plot(path: str | Path, results: dict[str, Any]) -> Path:
     right.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     right.yaxis.set_minor_locator(NullLocator())
     right.legend(fontsize=8)
+
+    from ..plot import plot_expected_losses
 
     plot_expected_losses(results["losses"], ax=losses_ax, per_point=True)
     twin_time = steps * results["learning_rate"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Union
+from collections.abc import Sequence
+from typing import Union, overload
 
 import torch
 from torch import nn
@@ -61,14 +62,51 @@ class Layer:
         return self.kernel_rule(k)
 
     # ----------------------------------------------------------------- public API
+    @overload
     def kernel(
         self,
         x1: object,
         x2: object | None = None,
-        get: str | tuple[str, ...] = "ntk",
+        get: str = "ntk",
         *,
         spatial: str = "auto",
         dtype: torch.dtype | None = None,
+        progress: bool | None = None,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def kernel(
+        self,
+        x1: object,
+        x2: object | None,
+        get: tuple[str, ...] | list[str],
+        *,
+        spatial: str = "auto",
+        dtype: torch.dtype | None = None,
+        progress: bool | None = None,
+    ) -> Kernels: ...
+
+    @overload
+    def kernel(
+        self,
+        x1: object,
+        x2: object | None = None,
+        *,
+        get: tuple[str, ...] | list[str],
+        spatial: str = "auto",
+        dtype: torch.dtype | None = None,
+        progress: bool | None = None,
+    ) -> Kernels: ...
+
+    def kernel(
+        self,
+        x1: object,
+        x2: object | None = None,
+        get: str | Sequence[str] = "ntk",
+        *,
+        spatial: str = "auto",
+        dtype: torch.dtype | None = None,
+        progress: bool | None = None,
     ) -> torch.Tensor | Kernels:
         """The infinite-width kernel(s) between ``x1`` and ``x2`` (``None``: ``x1``).
 
@@ -77,7 +115,9 @@ class Layer:
                 ``(N1, C, D, H, W)``: a tensor or a NumPy array (float64).
             x2: inputs of the same per-example shape, or ``None`` for ``x1`` itself
                 (symmetric: only the upper triangle of blocks is computed).
-            get: ``"nngp"``, ``"ntk"`` or a tuple of both.
+            get: ``"nngp"`` or ``"ntk"`` (the result is that kernel, a tensor), or a
+                tuple (or list) of them (the result is :class:`Kernels`). Type checkers
+                see the precise result type of each form.
             spatial: for images, which spatial covariance flows through the layers:
                 ``"full"`` (every pair of positions, ``P^2`` numbers per pair of
                 images; pooling needs it), ``"diagonal"`` (equal positions only, ``P``
@@ -87,6 +127,9 @@ class Layer:
                 for NumPy input). ``torch.float32`` is 1.4 to 1.9 times faster on a
                 CPU and keeps about 6 digits: on the benchmark workloads the largest
                 error is 4e-7 of the largest entry (float64 keeps 14 to 16).
+            progress: a tqdm bar over the tiles on stderr: ``True`` always, ``False``
+                never, ``None`` (default) only for a call of several tiles that is still
+                running after 2 seconds (``engine.PROGRESS_DELAY``).
 
         Returns:
             An ``(N1, N2)`` tensor for a single name, else :class:`Kernels` with
@@ -98,7 +141,7 @@ class Layer:
         networks) or ``SPATIAL_TILE_ENTRIES`` (for images): memory stays bounded for
         any ``N1, N2``.
         """
-        return compute_kernels(self, x1, x2, get, spatial, dtype)
+        return compute_kernels(self, x1, x2, get, spatial, dtype, progress)
 
     def build(
         self,
