@@ -19,12 +19,12 @@ demo: $(STAMP)
 	$(VENV)/bin/widenets demo --out demo-output
 
 test: $(STAMP)
-	$(VPY) -m ruff check src tests benchmarks
+	$(VPY) -m ruff check --no-cache src tests benchmarks
 	$(VPY) -m mypy
 	$(VPY) -m pytest -q
 
 lint: $(STAMP)
-	$(VPY) -m ruff check src tests benchmarks
+	$(VPY) -m ruff check --no-cache src tests benchmarks
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_speed.py --float32

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.conftest import random_inputs
 
 import widenets as wn
+from tests.conftest import random_inputs
 
 
 @pytest.fixture

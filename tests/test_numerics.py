@@ -23,9 +23,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from tests import mp_reference as ref
 
 import widenets as wn
+from tests import mp_reference as ref
 from widenets.paths import straightforward
 
 #: name -> (widenets activation, reference maps).
