@@ -614,11 +614,9 @@ def plot(path: str | Path, results: dict[str, Any]) -> Path:
     ntk_same_f0 = [t["ntk_accuracy"] for t in twins]
     left.scatter(positions[3:], ntk_same_f0, marker="_", s=400, color="black", zorder=3)
     left.set_xticks(positions, labels, fontsize=8)
-    low = min([*values, *ntk_same_f0])
-    bottom = max(0.0, low - 0.1)
-    left.set_ylim(bottom, 1.0)
+    left.set_ylim(0.0, 1.0)  # bars start at zero: their heights compare honestly
     for rect, value in zip(bars, values, strict=True):
-        left.annotate(f"{value:.3f}", (rect.get_x() + rect.get_width() / 2, bottom),
+        left.annotate(f"{value:.3f}", (rect.get_x() + rect.get_width() / 2, 0.0),
                       xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
                       fontsize=8, color="white")
     left.set_ylabel("test accuracy")
