@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from .engine import check_progress, progress_bar
+from .engine import check_progress, progress_bar, wider_dtype_hint
 from .inputs import all_finite, as_input_pair, check_positive_int
 from .structured_ntk import (
     AffineLayer,
@@ -136,11 +136,11 @@ def _check_finite(kernel: torch.Tensor, name: str) -> torch.Tensor:
     """``kernel``, or a ``ValueError`` if an entry is inf or NaN (one reduction): products
     of large inputs, outputs or Jacobians overflow silently otherwise."""
     if not all_finite(kernel):
-        wider = "" if kernel.dtype == torch.float64 else " or compute in float64"
         raise ValueError(
             f"the empirical {name} overflows {kernel.dtype}: it has inf or NaN entries "
             f"(inputs, outputs or gradients too large for {kernel.dtype}, or a model that "
-            f"returns inf or NaN); rescale the inputs, e.g. standardize them{wider}"
+            "returns inf or NaN); rescale the inputs, e.g. standardize them"
+            f"{wider_dtype_hint(kernel.dtype)}"
         )
     return kernel
 

@@ -150,7 +150,8 @@ def kernel_block(
             for name in names}
 
 
-def _wider_dtype_hint(dtype: torch.dtype) -> str:
+def wider_dtype_hint(dtype: torch.dtype) -> str:
+    """The end of an overflow message: a suggestion to compute in float64, unless it is."""
     return ", or compute in torch.float64" if dtype != torch.float64 else ""
 
 
@@ -163,7 +164,7 @@ def check_finite_inputs_kernel(initial: Kernel, x1: torch.Tensor, x2: torch.Tens
     largest = max(float(x.abs().max()) for x in (x1, x2) if x is not None)
     raise ValueError(
         f"the inputs' second moments overflow {x1.dtype}: inputs reach |x| = {largest:.3g}; "
-        f"rescale the inputs (e.g. standardise them){_wider_dtype_hint(x1.dtype)}"
+        f"rescale the inputs (e.g. standardise them){wider_dtype_hint(x1.dtype)}"
     )
 
 
@@ -180,5 +181,5 @@ def check_finite_kernel(matrix: torch.Tensor, name: str) -> None:
         f"the {name.upper()} overflows {matrix.dtype} (inf or NaN entries): the kernel "
         "grows beyond the floating-point range through the layers (e.g. a deep network of "
         f"RectifiedMonomial(n >= 2) or large W_std); reduce W_std or the depth"
-        f"{_wider_dtype_hint(matrix.dtype)}"
+        f"{wider_dtype_hint(matrix.dtype)}"
     )
