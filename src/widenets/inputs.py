@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import warnings
@@ -178,12 +179,18 @@ def check_nonnegative(value: object, name: str, allow_none: bool = False) -> flo
 
 
 def check_positive_int(value: object, name: str) -> int:
-    """Return ``value`` if it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    """Return ``value`` as an int if it is an integer >= 1: a Python or NumPy integer or a
+    0-D integer tensor (anything with ``__index__``), never a bool or a float."""
+    if isinstance(value, (bool, np.bool_)) or (
+            isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.ndim != 0)):
         raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    return int(value)
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {number}")
+    return number
 
 
 def check_finite_number(value: object, name: str) -> float:

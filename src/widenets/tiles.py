@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import operator
 import os
 import time
 from collections.abc import Iterator
@@ -100,27 +99,13 @@ def auto_tile(
     return max(1, min(side, MAX_TILE, max(n1, n2)))
 
 
-def positive_count(value: object, name: str) -> int:
-    """``value`` as an int >= 1: a Python or NumPy integer or a 0-D integer tensor
-    (anything with ``__index__``), never a bool or a float. ``TypeError`` / ``ValueError``
-    naming ``name`` otherwise."""
-    if isinstance(value, (bool, np.bool_)) or (
-            isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.ndim != 0)):
-        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer >= 1, got {value!r}") from None
-    return check_positive_int(number, name)
-
-
 def _tile_sizes(tile: object, n1: int, n2: int, symmetric: bool) -> tuple[int, int]:
     if isinstance(tile, tuple) and len(tile) == 2:
-        sizes = (positive_count(tile[0], "tile rows"), positive_count(tile[1], "tile cols"))
+        sizes = (check_positive_int(tile[0], "tile rows"), check_positive_int(tile[1], "tile cols"))
     elif isinstance(tile, (str, tuple, list, float)):
         raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
     else:
-        side = positive_count(tile, "tile")
+        side = check_positive_int(tile, "tile")
         sizes = (side, side)
     if symmetric and sizes[0] != sizes[1]:
         raise ValueError(f"with x2=None tiles must be square, got {tile!r}")
@@ -305,7 +290,7 @@ def prepare_kernel(
     if store is not None:  # before the store's folder is touched
         require("zarr", "store", "kernel_matrix(store=...)")
     if memory_limit is not None:
-        memory_limit = positive_count(memory_limit, "memory_limit")
+        memory_limit = check_positive_int(memory_limit, "memory_limit")
     auto = isinstance(tile, str)
     if auto and tile != "auto":
         raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
