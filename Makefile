@@ -36,7 +36,8 @@ bench: $(STAMP)
 
 # CUDA checks, ready for a machine with a GPU: the tests marked `cuda` (tests/test_cuda.py:
 # every entry point on the GPU against the CPU), then the speed benchmark with its inputs
-# on the GPU. Without a GPU (torch.cuda.is_available() is False) the tests are reported as
+# on the GPU, then benchmarks/bench_gpu.py (CPU against GPU on larger workloads). Without a
+# GPU (torch.cuda.is_available() is False) the tests are reported as
 # skipped with that reason, the benchmark is left out and a message says so, and the exit
 # status is 0: it is non-zero only when a test or the benchmark fails.
 gpu-check: $(STAMP)
@@ -44,6 +45,8 @@ gpu-check: $(STAMP)
 	@if $(VPY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
 		echo "$(VPY) benchmarks/bench_speed.py --device cuda --float32"; \
 		$(VPY) benchmarks/bench_speed.py --device cuda --float32; \
+		echo "$(VPY) benchmarks/bench_gpu.py"; \
+		$(VPY) benchmarks/bench_gpu.py; \
 	else \
 		echo "gpu-check: no CUDA GPU found (torch.cuda.is_available() is False):" \
 			"the CUDA tests were skipped and the GPU benchmark was not run"; \

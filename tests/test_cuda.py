@@ -450,3 +450,20 @@ def test_ode_predictions_from_device_tensors_match_cpu(dynamics):
     for what, value, reference in zip(("train", "test"), got, expected):
         assert value.device.type == DEVICE and value.dtype == torch.float64, what
         assert relative_error(value, reference) <= PREDICTION_TOLERANCE, what
+
+
+def test_cuda_tiles_are_larger_and_give_the_cpu_kernel(monkeypatch):
+    """On the GPU a tile holds more pairs than on the CPU (fewer, larger operations); with
+    the free-memory bound forced low, the many small tiles give the same kernel."""
+    from widenets import engine
+
+    net, x1, _ = ARCHITECTURES["dense-relu"]()
+    d1 = on_device(x1)
+    assert engine.tile_budget(False, d1) > engine.TILE_ENTRIES
+    large = net.kernel(d1, None, get=("nngp", "ntk"))
+    monkeypatch.setattr(engine, "TILE_ENTRIES", 16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
+    small = net.kernel(d1, None, get=("nngp", "ntk"))
+    for name in ("nngp", "ntk"):
+        assert kernel_error(net, x1, None, name, small[name]) <= 1e-10, name
+        torch.testing.assert_close(small[name], large[name], rtol=1e-12, atol=0)

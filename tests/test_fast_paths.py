@@ -205,3 +205,36 @@ def test_bad_dtype():
         mlp(wn.ReLU).kernel(x, dtype=torch.int64)
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         mlp(wn.ReLU).kernel(x, dtype="float32")
+
+
+def test_tile_budget_is_the_cpu_budget_off_cuda():
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    assert engine.tile_budget(False, x) == engine.TILE_ENTRIES
+    assert engine.tile_budget(True, x) == engine.SPATIAL_TILE_ENTRIES
+
+
+class FakeCudaTensor:
+    """What :func:`engine.tile_budget` reads of a CUDA tensor: its device and item size."""
+
+    device = torch.device("cuda", 0)
+
+    @staticmethod
+    def element_size() -> int:
+        return 8
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_cuda_tile_budget_follows_free_memory(monkeypatch, spatial):
+    """Large tiles on a GPU with room for them; fewer where free memory is short; never
+    below the CPU budget."""
+    cpu = engine.SPATIAL_TILE_ENTRIES if spatial else engine.TILE_ENTRIES
+    wanted = engine.CUDA_SPATIAL_TILE_ENTRIES if spatial else engine.CUDA_TILE_ENTRIES
+    per_entry = 8 * engine.LIVE_TILE_ARRAYS
+    for free_bytes, expected in [
+        (80 << 30, wanted),                        # an 80 GiB GPU, empty
+        (2 * cpu * per_entry, 2 * cpu),            # room for twice the CPU budget only
+        (100, cpu),                                # almost full: the CPU budget
+    ]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info",
+                            lambda device, free=free_bytes: (free, 80 << 30))
+        assert engine.tile_budget(spatial, FakeCudaTensor()) == expected
