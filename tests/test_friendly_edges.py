@@ -41,7 +41,8 @@ def hide(monkeypatch: pytest.MonkeyPatch, *packages: str) -> None:
         monkeypatch.setitem(sys.modules, name, None)
     for name in ("sklearn", "plot"):
         monkeypatch.delitem(sys.modules, f"widenets.{name}", raising=False)
-        monkeypatch.delattr(wn, name, raising=False)
+        if name in vars(wn):  # a lazy submodule already imported (no import triggered)
+            monkeypatch.delattr(wn, name)
 
 
 @pytest.mark.parametrize(
@@ -146,3 +147,12 @@ def test_channels_first_and_dense_inputs_do_not_warn(net, shape):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         net.kernel(data(*shape), get="nngp")
+
+
+def test_datasets_resolve_lazily_and_name_the_extra(monkeypatch):
+    """``wn.datasets`` works after a plain ``import widenets``; loading the digits without
+    scikit-learn names the extra to install."""
+    assert callable(wn.datasets.load_digits)
+    hide(monkeypatch, "sklearn")
+    with pytest.raises(ImportError, match=r"widenets\[demo\]"):
+        wn.datasets.load_digits(n_train=10, n_test=5)

@@ -53,14 +53,15 @@ __all__ = [
     "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer", "LayerNorm", "LeakyReLU",
     "Linear", "Parallel", "Rbf", "RectifiedMonomial", "ReLU", "Residual", "Sequential",
     "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",
-    "experiments", "kernel_matrix", "load_kernel", "predict", "__version__",
+    "datasets", "experiments", "kernel_matrix", "load_kernel", "predict", "__version__",
     "TaylorExpansion", "linearize", "taylor_expand",
 ]
 
 #: Submodules imported on first use: those that need optional dependencies
-#: (scikit-learn, matplotlib), and the lazy-training experiment (an application, see
+#: (scikit-learn, matplotlib; the data sets load through scikit-learn), and the
+#: lazy-training experiment (an application, see
 #: :mod:`widenets.apps`), so that ``import widenets`` needs and imports none of them.
-_OPTIONAL_SUBMODULES = ("sklearn", "plot", "experiments")
+_OPTIONAL_SUBMODULES = ("datasets", "sklearn", "plot", "experiments")
 
 
 def __getattr__(name: str):

@@ -9,6 +9,7 @@ All are in the NTK parameterization, where the declared widths do not enter the 
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 from .inputs import check_positive_int
 from .layers import (
@@ -26,6 +27,7 @@ from .layers import (
     Sequential,
 )
 from .layers.base import Layer
+from .layers.dense import WeightedLayer
 
 #: Activations by name, each with a closed-form kernel.
 ACTIVATIONS: dict[str, type[Layer]] = {
@@ -43,13 +45,15 @@ CNN_READOUTS = ("gap", "flatten")
 DEMO_W_STD, DEMO_B_STD, DEMO_READOUT_W_STD = 1.5, 0.05, 0.5
 
 
-def weighted_layers(net: Layer) -> list[Layer]:
+def weighted_layers(net: Layer) -> list[WeightedLayer]:
     """The weighted layers of ``net`` (those with a declared width, a ``width_argument``:
     ``Linear``, the convolutions), depth-first through :meth:`~widenets.Layer.sublayers`,
     in order; a layer object used at several places appears once per place."""
     if not isinstance(net, Layer):
         raise TypeError(f"net must be a widenets Layer, got {type(net).__name__}")
-    return [layer for layer in net.walk() if layer.width_argument is not None]
+    # the layers with a width_argument are the WeightedLayers (Linear, Conv)
+    return [cast(WeightedLayer, layer) for layer in net.walk()
+            if layer.width_argument is not None]
 
 
 def with_hidden_width(net: Layer, width: int, *, readout: bool = False) -> Layer:

@@ -95,6 +95,7 @@ def load_digits(
     if n_train is None:
         train, test = np.arange(len(images)), np.arange(0)
     else:
+        assert n_test is not None  # set above whenever n_train is
         order = np.random.default_rng(seed).permutation(len(images))
         train, test = order[:n_train], order[n_train:n_train + n_test]
     x = preprocess_digits(images, train)

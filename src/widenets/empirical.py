@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
+from typing import cast
 
 import torch
 from torch import nn
@@ -197,7 +198,7 @@ def empirical_nngp(
 
     ``outputs="full"``: ``(N1, N2, O, O)``; ``"mean"``: ``(N1, N2)``, the mean over the
     ``O`` outputs of ``f_o(x1) f_o(x2)``. Evaluated without gradients on a
-    :func:`private_copy` of the model: the model is never changed, and several threads
+    private copy (``private_copy``) of the model: the model is never changed, and several threads
     may call this (and :func:`empirical_ntk`) on one model at the same time.
 
     Raises ``TypeError`` if the model does not return a real floating tensor, and
@@ -252,7 +253,7 @@ def _pairwise_blocks(t1, t2, batch_size, parts_of, contract, outputs,
     ``contract(parts1, parts2)`` per pair of batches (a tqdm bar over the contracted
     blocks as :func:`empirical_ntk`'s ``progress`` says).
 
-    The parts of ``x2``'s batches are kept while they fit in :data:`PARTS_CACHE_BYTES`
+    The parts of ``x2``'s batches are kept while they fit in ``PARTS_CACHE_BYTES``
     and recomputed otherwise. With ``t2=None`` only the upper triangle of blocks is
     contracted; the rest are their transposes.
     """
@@ -296,7 +297,9 @@ def _contract_jacobians(jac1: dict, jac2: dict, outputs: str) -> torch.Tensor:
     def flat(jac: torch.Tensor) -> torch.Tensor:
         return jac.reshape(*jac.shape[:2], -1)
 
-    return sum(torch.einsum(equation, flat(jac1[name]), flat(jac2[name])) for name in jac1)
+    # a tensor, not 0: a model has trainable parameters (checked)
+    return cast(torch.Tensor, sum(
+        torch.einsum(equation, flat(jac1[name]), flat(jac2[name])) for name in jac1))
 
 
 def _jacobian_contraction(model, t1, t2, params, buffers, batch_size, outputs,
@@ -352,7 +355,7 @@ def estimated_costs(
     examples, pairs = n1 + (n2 or 0), n1 * (n2 or n1)
     k = output_pairs(outputs, n_out)
     reverse = 3 * examples * n_out * forward
-    costs = {
+    costs: dict[str, float] = {
         "jacobian": reverse + pairs * k * total,
         "ntk_vector": 4 * pairs * n_out * forward,
     }
@@ -433,7 +436,7 @@ def empirical_ntk(
     not changed: parameters, buffers, mode and gradients stay as they were.
 
     Thread-safe: the model is only read. ``torch.func.functional_call`` and the forward
-    hooks of the structured implementation work on a :func:`private_copy` of its modules
+    hooks of the structured implementation work on a private copy (``private_copy``) of its modules
     (sharing its tensors, made once per call), so several threads may compute kernels of
     one model at the same time, and nothing is left on it.
 
@@ -445,10 +448,10 @@ def empirical_ntk(
             under ``vmap``, contracted over the parameters), ``"ntk_vector"``
             (vjp then jvp, no Jacobian held), ``"structured"`` (dense and convolutional
             layers contracted per layer from their output cotangents and inputs, see
-            :mod:`widenets.structured_ntk`) or ``"auto"``: the cheapest by the flop
-            counts of :func:`estimated_costs`. All give the same numbers.
+            ``widenets.structured_ntk``) or ``"auto"``: the cheapest by the flop
+            counts of ``estimated_costs``. All give the same numbers.
         batch_size: examples per block. The Jacobians (or cotangents) of ``x2``'s
-            blocks are kept up to :data:`PARTS_CACHE_BYTES` (1 GiB) and recomputed
+            blocks are kept up to ``PARTS_CACHE_BYTES`` (1 GiB) and recomputed
             beyond, so memory stays bounded; with ``x2=None`` only the upper triangle
             of blocks is contracted.
         progress: a tqdm bar over the contracted blocks on stderr: ``True`` always,
@@ -477,7 +480,7 @@ def empirical_ntk(
     if implementation == "auto":
         costs = estimated_costs(layers, params, t1.shape[0], None if t2 is None else t2.shape[0],
                                 n_out, outputs)
-        implementation = min(costs, key=costs.get)
+        implementation = min(costs, key=costs.__getitem__)
     factored = factored_layers(layers, outputs, n_out)
     arguments = (model, t1, t2, params, buffers, batch_size, outputs)
     with torch.no_grad():

@@ -104,9 +104,9 @@ def arc_cosine_j(order: int, rho: Tensor) -> Tensor:
 
 def _arc_cosine_j_integral(order: int, theta: Tensor) -> Tensor:
     """``J_n(theta)`` as the positive angular integral (see :func:`arc_cosine_j`)."""
-    nodes, weights = np.polynomial.legendre.leggauss(2 * order + 16)
-    nodes = torch.as_tensor(nodes, dtype=theta.dtype, device=theta.device)
-    weights = torch.as_tensor(weights, dtype=theta.dtype, device=theta.device)
+    legendre_nodes, legendre_weights = np.polynomial.legendre.leggauss(2 * order + 16)
+    nodes = torch.as_tensor(legendre_nodes, dtype=theta.dtype, device=theta.device)
+    weights = torch.as_tensor(legendre_weights, dtype=theta.dtype, device=theta.device)
     half = (math.pi - theta[:, None]) / 2
     angle = theta[:, None] / 2 + half * nodes
     integrand = (torch.cos(angle) * torch.cos(angle - theta[:, None])) ** order
@@ -204,7 +204,7 @@ def erf_maps(
 
     the second because ``d/dx erf(b x) = (2 b / sqrt(pi)) exp(-b^2 x^2)`` and
     ``E[exp(-b^2 (u^2 + v^2))] = D^{-1/2}``. ``D`` comes from
-    :func:`_scaled_determinant` (no cancellation, no overflow), and ``atan2`` keeps the
+    ``_scaled_determinant`` (no cancellation, no overflow), and ``atan2`` keeps the
     NNGP accurate where the arcsine's argument rounds to 1 (large inputs). ``c`` and
     ``rho`` have the broadcast shape of all arguments and are not changed; the results
     are fresh tensors (the derivative map ``None`` unless ``with_derivative``).
@@ -262,7 +262,7 @@ def gelu_maps(
         E[g' g'] = 1/4 + (arcsin(c/s) + c (2 + q1 + q2) / (s^2 sqrt(D)) + c / D^{3/2}) / (2 pi)
 
     Computed without cancellation: ``arcsin(c/s) = atan2(c, sqrt(D))``, ``D`` from
-    :func:`_scaled_determinant` (``s = 1``), ``(2 + q1 + q2) / s^2 = p1 + p2`` and
+    ``_scaled_determinant`` (``s = 1``), ``(2 + q1 + q2) / s^2 = p1 + p2`` and
     ``sqrt(D) (q1 q2 - 1) / s^2 + 1 / sqrt(D) = sqrt(D) t1 t2 + c^2 p1 p2 / sqrt(D)``
     with ``p_i = 1 / (1 + q_i)``, ``t_i = q_i / (1 + q_i)`` (the textbook form subtracts
     two terms near 1 for small variances). ``c`` and ``rho`` have the broadcast shape of

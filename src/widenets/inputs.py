@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Literal, SupportsIndex, cast, overload
 
 import numpy as np
 import torch
@@ -166,6 +167,16 @@ def parse_get(get: object) -> tuple[str, ...]:
     return tuple(names)
 
 
+@overload
+def check_nonnegative(
+    value: object, name: str, allow_none: Literal[False] = False
+) -> float: ...
+
+
+@overload
+def check_nonnegative(value: object, name: str, allow_none: bool) -> float | None: ...
+
+
 def check_nonnegative(value: object, name: str, allow_none: bool = False) -> float | None:
     """Return ``value`` as a float, raising if it is not a finite number >= 0."""
     if value is None and allow_none:
@@ -185,7 +196,7 @@ def check_positive_int(value: object, name: str) -> int:
             isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.ndim != 0)):
         raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
     try:
-        number = operator.index(value)
+        number = operator.index(cast(SupportsIndex, value))  # TypeError caught below
     except TypeError:
         raise TypeError(f"{name} must be an integer >= 1, got {value!r}") from None
     if number < 1:

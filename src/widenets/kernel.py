@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -130,11 +132,11 @@ class Kernel:
         """The diagonal of the second batch (``var1`` in the symmetric case)."""
         return self.var1 if self.var2 is None else self.var2
 
-    def replace(self, **changes: object) -> Kernel:
+    def replace(self, **changes: Any) -> Kernel:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
-    def map_moments(self, fn) -> Kernel:
+    def map_moments(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Kernel:
         """Apply the same map to ``nngp``, ``var1`` and ``var2`` (not to ``ntk``)."""
         return self.replace(
             nngp=fn(self.nngp),
@@ -142,7 +144,7 @@ class Kernel:
             var2=None if self.var2 is None else fn(self.var2),
         )
 
-    def map_linear(self, fn) -> Kernel:
+    def map_linear(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Kernel:
         """Apply the same linear map to every moment, ``ntk`` included."""
         return self.map_moments(fn).replace(ntk=None if self.ntk is None else fn(self.ntk))
 

@@ -73,7 +73,7 @@ class TaylorExpansion(nn.Module):
     Thread-safe: several threads may evaluate (and differentiate) one expansion at the
     same time. Each forward swaps the tensors into the private copy with
     ``functional_call`` and evaluates ``torch.func.jvp``, whose forward-mode state torch
-    keeps process-wide; both happen under :data:`widenets.empirical.FORWARD_MODE_LOCK`, so
+    keeps process-wide; both happen under ``widenets.empirical.FORWARD_MODE_LOCK``, so
     concurrent forwards (of any expansion) run one at a time; their backward passes do not.
     """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 from tqdm.auto import tqdm
 
@@ -9,6 +11,43 @@ from .empirical import empirical_nngp, empirical_ntk
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
+
+
+@overload
+def monte_carlo_kernel(
+    net: Layer,
+    x1: object,
+    x2: object | None = None,
+    get: str = "ntk",
+    n_samples: int = 64,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def monte_carlo_kernel(
+    net: Layer,
+    x1: object,
+    x2: object | None,
+    get: tuple[str, ...],
+    n_samples: int = 64,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Kernels: ...
+
+
+@overload
+def monte_carlo_kernel(
+    net: Layer,
+    x1: object,
+    x2: object | None = None,
+    *,
+    get: tuple[str, ...],
+    n_samples: int = 64,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Kernels: ...
 
 
 def monte_carlo_kernel(
@@ -32,7 +71,7 @@ def monte_carlo_kernel(
     Safe to call from several threads on one ``net`` (``net`` is only read; each twin is
     private to its call). Give each thread its own ``generator``: draws from a shared one
     interleave in an unpredictable order. Raises ``ValueError`` if a twin's kernel
-    overflows the dtype (see :func:`~widenets.empirical.empirical_ntk`).
+    overflows the dtype (see :func:`~widenets.empirical_ntk`).
     """
     if not isinstance(net, Layer):
         raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -97,7 +97,8 @@ def _targets(y: object, name: str) -> Tensor:
 
 
 def _as_inputs_1d(x: object, name: str) -> Tensor:
-    t = as_data_tensor(x[:, None] if getattr(x, "ndim", None) == 1 else x, name)
+    vector = getattr(x, "ndim", None) == 1  # an array or a tensor
+    t = as_data_tensor(cast("Tensor | np.ndarray", x)[:, None] if vector else x, name)
     if t.ndim != 2 or t.shape[1] != 1:
         raise ValueError(f"{name} must have shape (N, 1) or (N,) (one input feature), "
                          f"got {tuple(t.shape)}")
@@ -294,7 +295,7 @@ def plot_regression_1d(
     grid = xs[:, 0].to("cpu", torch.float64).numpy()
     ax = _new_axes(ax, (7.0, 4.5))
 
-    def draw(mean: Tensor, cov: Tensor, color: str, label: str) -> None:
+    def draw(mean: Tensor, cov: Tensor, color: str | tuple[float, ...], label: str) -> None:
         m = mean.to("cpu", torch.float64).reshape(len(grid), -1)[:, output].numpy()
         sigma = torch.diagonal(cov).to("cpu", torch.float64).clamp_min(0).sqrt().numpy()
         ax.plot(grid, m, color=color, linewidth=1.5, label=label)
@@ -302,10 +303,12 @@ def plot_regression_1d(
                         linewidth=0)
 
     mean, cov = gp_inference(net_or_kernels, xt, y, diag_reg=diag_reg)(xs, get="nngp")
+    assert cov is not None  # compute_cov=True (the default)
     draw(mean, cov, "tab:blue", "NNGP posterior ± 2σ")
     ensemble = gradient_descent_mse_ensemble(net_or_kernels, xt, y,
                                              learning_rate=learning_rate, diag_reg=diag_reg)
     means, covs = ensemble(xs, t, get=get)
+    assert covs is not None  # compute_cov=True (the default)
     from matplotlib import colormaps
 
     cmap = colormaps["plasma"]

@@ -32,7 +32,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
+from typing import Any, cast
 
 from .kernel import Kernel
 
@@ -88,7 +88,7 @@ def network_needs(layers: Iterable[Any]) -> Needs:
     return combined
 
 
-def check_input(layer: Any, k: object) -> None:
+def check_input(layer: Any, k: Kernel | tuple[Any, ...]) -> None:
     """Raise a ``ValueError`` saying what to change unless the kernel state ``k`` meets
     what ``layer`` declares in ``layer.needs``."""
     needs, name = layer.needs, type(layer).__name__
@@ -99,7 +99,8 @@ def check_input(layer: Any, k: object) -> None:
         )
     if needs.input == "branches" and isinstance(k, Kernel):
         raise ValueError(f"{name} needs parallel branches: use FanOut first")
-    if needs.gaussian_input and not k.is_gaussian:
+    # a Kernel here: the layers that need a Gaussian input need a single input
+    if needs.gaussian_input and not cast(Kernel, k).is_gaussian:
         raise ValueError(f"{name} needs {layer.gaussian_input_advice}")
     if needs.full_covariance and isinstance(k, Kernel) and k.layout.sizes and not (
             k.layout.paired):
@@ -108,7 +109,8 @@ def check_input(layer: Any, k: object) -> None:
             "'full', not 'diagonal'"
         )
     if needs.independent_branches is not None:
-        _check_independent(name, needs.independent_branches, k)
+        # branches here: the layers that need independent branches need branches
+        _check_independent(name, needs.independent_branches, cast(tuple, k))
 
 
 def independent(a: Kernel, b: Kernel) -> bool:

@@ -16,6 +16,7 @@ scikit-learn is an optional dependency (the ``demo`` extra); it is imported here
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any
 
@@ -138,7 +139,7 @@ class _WideNetwork(BaseEstimator):
         # What predictions use: set_params after fit does not change them.
         self._fitted = {name: params[name] for name in ("kernel", "t", "learning_rate",
                                                         "diag_reg")}
-        self._predictor = None
+        self._predictor: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
         # The training kernel and its eigendecomposition are computed here, once.
         self._get_predictor()(torch.tensor(self.X_fit_[:1]), t=params["t"],
                               get=params["kernel"], compute_cov=False)
@@ -191,7 +192,8 @@ class KernelRegressor(RegressorMixin, _WideNetwork):
         Number of hidden layers (``0``: a linear model).
     activation : str or widenets layer, default="relu"
         One of ``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"abs"``, ``"erf"``,
-        ``"gelu"``, ``"identity"`` (see :data:`ACTIVATIONS`), or a widenets activation
+        ``"gelu"``, ``"identity"`` (see :data:`widenets.architectures.ACTIVATIONS`), or a
+        widenets activation
         such as ``widenets.Sin()`` or ``widenets.Elementwise(torch.tanh)``.
     W_std, b_std : float, default=1.5, 0.05
         Weight and bias standard deviations of every ``Linear`` layer (``W_std > 0``,
@@ -247,6 +249,7 @@ class KernelRegressor(RegressorMixin, _WideNetwork):
             mean = mean[:, 0]
         if not return_std:
             return mean
+        assert std is not None  # computed when return_std
         return mean, std if self._vector_target else np.repeat(std[:, None], mean.shape[1], 1)
 
     def __sklearn_tags__(self) -> Any:
@@ -342,6 +345,7 @@ class KernelClassifier(ClassifierMixin, _WideNetwork):
         outputs independent ``N(mu_k, sigma^2)``; ``(n_samples, n_classes)``, rows
         summing to 1, largest where :meth:`predict` says."""
         mean, std = self._mean(X, True)
+        assert std is not None  # computed when return_std
         return largest_gaussian_probabilities(mean, np.maximum(std, self._std_resolution))
 
 

@@ -9,7 +9,7 @@ widenets' own layers and ``"module:qualname"`` for layers defined elsewhere.
 
 What rests on it (see :class:`widenets.Layer`): equality and hashing (two layers are equal
 when their specs are), ``repr``, :func:`from_spec` (the inverse of ``layer.spec()``), and
-the identity of a kernel store (:mod:`widenets.store`), which can thus be resumed from
+the identity of a kernel store (``widenets.store``), which can thus be resumed from
 another process. A function that cannot be imported by name (a lambda, a function defined
 inside another) has no canonical spec: ``spec()`` raises :class:`NotCanonicalError`, and
 equality and hashing fall back on that function object's identity within the process.
@@ -151,12 +151,16 @@ def from_spec(spec: Spec) -> Any:
             spec["args"], dict):
         raise ValueError(f"a layer spec is a dict with keys 'layer' and 'args', got {spec!r}")
     name = spec["layer"]
-    cls = _LAYER_TYPES.get(name)
+    cls: type[Any] | None = _LAYER_TYPES.get(name)
     if cls is None and isinstance(name, str) and ":" in name:
         try:
-            cls = _resolve(name)
+            found = _resolve(name)
         except (ImportError, AttributeError) as error:
             raise ValueError(f"cannot import the layer class {name!r}: {error}") from None
+        # a layer class is registered when it is defined (by the import)
+        cls = next((c for c in _LAYER_TYPES.values() if c is found), None)
+        if cls is None:
+            raise ValueError(f"{name!r} in spec is not a layer class")
     if cls is None:
         raise ValueError(f"unknown layer {name!r} in spec")
     parameters = inspect.signature(cls.__init__).parameters

@@ -32,8 +32,9 @@ import errno
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def checksum(value: np.ndarray) -> str:
     """SHA-256 of an array's numbers as C-ordered little-endian bytes (the same on
     every machine, whatever the array's memory layout)."""
     array = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
-    return hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
+    return hashlib.sha256(array.reshape(-1).view(np.uint8).data).hexdigest()
 
 
 def read_attributes(path: Path) -> dict[str, Any]:
@@ -195,7 +196,7 @@ def _try_lock(fd: int) -> bool:
     process (or another open of the file) holds the lock. The operating system releases
     the lock when the file is closed or the process ends, even by SIGKILL."""
     try:
-        if os.name == "nt":  # no fcntl on Windows: lock the first byte instead
+        if sys.platform == "win32":  # no fcntl on Windows: lock the first byte instead
             import msvcrt
 
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
@@ -226,7 +227,7 @@ class TileStore:
         self.dtype = np.dtype(dtype)
         self.read_only = False
         self.read_only_reason = ""
-        self._lock = None
+        self._lock: IO[bytes] | None = None
         self._refuse_foreign()  # before anything in the folder is touched
         if not self.path.exists():
             try:

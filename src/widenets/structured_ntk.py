@@ -28,12 +28,15 @@ padding mode, stride and dilation) and widenets' finite twins ``FiniteLinear`` a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, vmap
+from torch.nn.modules.conv import _ConvNd
 
 from .layers.conv import FiniteConv
 from .layers.dense import FiniteLinear, WeightedModule
@@ -78,7 +81,7 @@ class AffineLayer:
     @property
     def features(self) -> int:
         """Input features ``F`` per output unit: in_features, or in_channels x filter size."""
-        weight = self.module.weight
+        weight = cast(torch.Tensor, self.module.weight)
         return math.prod(weight.shape[1:])
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,8 @@ class AffineLayer:
         if self.is_dense:
             flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (n, P, F)
             return s * flat.transpose(1, 2)
-        module = self.module
+        # not dense: a convolution (see _is_affine_module)
+        module = cast("FiniteConv | _ConvNd", self.module)
         if isinstance(module, FiniteConv):
             padded = module.pad(x)
             stride, dilation = module.layer.stride, (1,) * module.layer.ndim
@@ -126,11 +130,12 @@ def _is_affine_module(module: nn.Module) -> bool:
         return type(module).forward in (FiniteLinear.forward, FiniteConv.forward)
     if type(module) is nn.Linear:
         return True
-    return type(module) in _TORCH_CONVOLUTIONS and module.groups == 1
+    return type(module) in _TORCH_CONVOLUTIONS and cast(_ConvNd, module).groups == 1
 
 
 def find_affine_layers(
-    model: nn.Module, params: dict[str, torch.Tensor], probe: object
+    model: nn.Module, params: dict[str, torch.Tensor],
+    probe: Callable[[dict[str, Callable[..., None]]], object],
 ) -> list[AffineLayer]:
     """The dense and convolutional layers of ``model`` handled by the factored rule.
 

@@ -4,8 +4,8 @@ Every layer of widenets, and every layer or activation you write yourself, must 
 kernels that are well formed, agree across the ways of asking for them, agree between
 the fast and the straightforward paths and between float32 and float64, are the limit of
 its own finite twin, survive a spec and a pickle round trip, and refuse bad input with a
-clear error. The functions here check all of that with plain ``assert``-style
-``AssertionError``s (no pytest needed), so they run under any test runner::
+clear error. The functions here check all of that and raise ``AssertionError`` on a
+failure (no pytest needed), so they run under any test runner::
 
     import torch
     import widenets as wn
@@ -70,7 +70,8 @@ inputs together):
 ``"monte_carlo"`` (:func:`check_monte_carlo`)
     The finite twin (``build``) converges to the exact kernel. Its weighted layers (those
     with a ``width_argument``: ``Linear``, the convolutions) are set to a narrow width
-    ``w`` (4, or 2 channels) and a wide one ``64 w`` (:func:`with_hidden_width`), and
+    ``w`` (4, or 2 channels) and a wide one ``64 w``
+    (:func:`~widenets.architectures.with_hidden_width`), and
     ``monte_carlo_kernel`` estimates are drawn from fixed seeds: 16 twins at ``w``, 8 at
     ``64 w``. Errors are root-mean-squares over the entries of ``(MC_ij - K_ij) /
     sqrt(K_ii K_jj)``. The typical error of one twin falls at least ``MIN_IMPROVEMENT``
@@ -117,6 +118,7 @@ import math
 import pickle
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NoReturn, cast
 
 import torch
 
@@ -150,7 +152,7 @@ CHECKS = ("kernels", "consistency", "fast_paths", "float32", "bad_inputs", "maps
           "spec", "pickle", "monte_carlo")
 KERNEL_NAMES = ("nngp", "ntk")
 
-#: Smallest eigenvalue allowed, relative to the largest: ``-PSD_RTOL * lambda_max``.
+#: Smallest eigenvalue allowed relative to the largest (``-PSD_RTOL * lambda_max``).
 PSD_RTOL = 1e-10
 #: Agreement of the ways of asking for one kernel, relative to ``sqrt(K_ii K_jj)``.
 CONSISTENCY_RTOL = 1e-10
@@ -175,13 +177,13 @@ _CONVOLUTIONS = {1: Conv1d, 2: Conv2d, 3: Conv3d}
 
 
 # ------------------------------------------------------------------ helpers
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise AssertionError(message)
 
 
 def _kernels(net: Layer, x1, x2=None, **kwargs) -> dict[str, torch.Tensor]:
     k = net.kernel(x1, x2, get=KERNEL_NAMES, **kwargs)
-    return {name: k[name] for name in KERNEL_NAMES}
+    return {name: cast(torch.Tensor, k[name]) for name in KERNEL_NAMES}  # all asked for
 
 
 def _joint(x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
@@ -417,24 +419,24 @@ def check_bad_inputs(net: Layer, x1: torch.Tensor, x2: torch.Tensor) -> None:
     for bad in (math.nan, math.inf):
         poisoned = x1.contiguous().clone()
         poisoned.view(-1)[1] = bad
-        _expect_value_error(lambda p=poisoned: net.kernel(p, x2, get="ntk"),
+        _expect_value_error(functools.partial(net.kernel, poisoned, x2, get="ntk"),
                             f"x1 containing {bad}", naming="x1")
         poisoned = x2.contiguous().clone()
         poisoned.view(-1)[-1] = bad
-        _expect_value_error(lambda p=poisoned: net.kernel(x1, p, get="nngp"),
+        _expect_value_error(functools.partial(net.kernel, x1, poisoned, get="nngp"),
                             f"x2 containing {bad}", naming="x2")
     wider = torch.cat([x2, x2[..., :1]], dim=-1)
     _expect_value_error(lambda: net.kernel(x1, wider), "x2 of another per-example shape")
     _expect_value_error(lambda: net.kernel(x1.reshape(-1)), "a 1-D x1")
     for get in ("nnpg", ("ntk", "cntk")):
-        _expect_value_error(lambda g=get: net.kernel(x1, x2, get=g), f"get={get!r}")
+        _expect_value_error(functools.partial(net.kernel, x1, x2, get=get), f"get={get!r}")
     variants = [x1.unsqueeze(-1)]
     if x1.ndim > 2:
         variants.append(x1.flatten(-2))
     for variant in variants:
         shape = tuple(variant.shape[1:])
-        refused_by_kernel = _refusal(lambda v=variant: net.kernel(v, get="ntk"))
-        refused_by_build = _refusal(lambda s=shape: net.build(s, torch.Generator()))
+        refused_by_kernel = _refusal(functools.partial(net.kernel, variant, get="ntk"))
+        refused_by_build = _refusal(functools.partial(net.build, shape, torch.Generator()))
         if (refused_by_kernel is None) != (refused_by_build is None):
             _fail(f"inputs of per-example shape {shape}: kernel "
                   f"{'refuses' if refused_by_kernel else 'accepts'} them "
@@ -470,7 +472,8 @@ def check_monte_carlo(
     """The finite twin's Monte Carlo kernel converges to the exact kernel with the width.
 
     On the inputs ``x = [x1; x2]``, at the hidden widths ``w = width`` (default 4, or 2
-    channels for images) and ``W = factor * w`` (:func:`with_hidden_width`: for the NNGP
+    channels for images) and ``W = factor * w``
+    (:func:`~widenets.architectures.with_hidden_width`: for the NNGP
     the read-out too, for the NTK the read-out of ``net`` is kept), ``n_estimates``
     (narrow, wide) independent estimates ``monte_carlo_kernel(net, x,
     n_samples=n_samples)`` are drawn from one ``torch.Generator`` seeded with ``seed``.
@@ -612,13 +615,15 @@ def check_activation_maps(
         return measured  # the default pair_maps calls the two maps: nothing to compare
     # pair_maps against the separate maps, on harder points too.
     variances = torch.tensor([1e-6, 0.3, 1.0, 1e4], dtype=dtype)
-    correlations = torch.tensor([-1.0, -1 + 1e-12, -0.5, 0.0, 0.7, 1 - 1e-12, 1.0], dtype=dtype)
-    grid = torch.cartesian_prod(variances, variances, correlations)
+    extremes = torch.tensor([-1.0, -1 + 1e-12, -0.5, 0.0, 0.7, 1 - 1e-12, 1.0], dtype=dtype)
+    grid = torch.cartesian_prod(variances, variances, extremes)
     q1, q2, rho = grid.unbind(1)
     c = rho * torch.sqrt(q1) * torch.sqrt(q2)
     ntk = torch.linspace(0.5, 2.0, len(rho), dtype=dtype)
     nngp_pair, ntk_pair = activation.pair_maps(q1.clone(), q2.clone(), c.clone(), rho.clone(),
                                                ntk.clone())
+    if ntk_pair is None:
+        _fail(f"{name}.pair_maps returned no NTK, though given one")
     nngp_alone = activation.nngp_map(q1.clone(), q2.clone(), c.clone(), rho.clone())
     derivative = activation.derivative_map(q1.clone(), q2.clone(), c.clone(), rho.clone())
     ones = torch.ones_like(q1)

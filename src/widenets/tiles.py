@@ -33,6 +33,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -127,7 +128,8 @@ def compute_tile(
     else:
         cols = (x1 if x2 is None else x2)[tile.c0 : tile.c1].clone()
         kernels = net.kernel(rows, cols, get=names)
-    return {name: kernels[name].detach().cpu().numpy() for name in names}
+    return {name: cast(torch.Tensor, kernels[name]).detach().cpu().numpy()  # all asked for
+            for name in names}
 
 
 def inputs_digest(x1: torch.Tensor, x2: torch.Tensor | None) -> str:
@@ -296,7 +298,7 @@ def prepare_kernel(
         raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
     t1, t2 = as_input_pair(x1, x2)
     symmetric = t2 is None
-    n1, n2 = t1.shape[0], t1.shape[0] if symmetric else t2.shape[0]
+    n1, n2 = t1.shape[0], t1.shape[0] if t2 is None else t2.shape[0]
     dtype = numpy_dtype(t1.dtype)
     stored_tile = None if store is None else stored_tile_sizes(store)
     if auto and stored_tile is not None:
@@ -336,6 +338,7 @@ def compute_kernel(
             if t.key not in finished:
                 todo.append(t)
                 continue
+            assert tile_store is not None  # a finished tile is in the store
             try:
                 place_tile(out, t, tile_store.read(t, names), symmetric)
             except DamagedTileError as damage:
@@ -390,7 +393,7 @@ def kernel_matrix(
         get: ``"nngp"`` or ``"ntk"`` (then a tensor), or a tuple or list of them (then a
             :class:`Kernels`), as for ``net.kernel``.
         tile: ``"auto"`` (from ``memory_limit`` and the architecture's numbers per pair,
-            see :func:`auto_tile`; an existing store's tiles when resuming), a side, or
+            see ``auto_tile``; an existing store's tiles when resuming), a side, or
             ``(rows, cols)`` (integers: Python, NumPy or 0-D tensors); need not divide N.
         store: a folder (``.zarr``) where finished tiles are kept; the same call again
             resumes, and recomputes finished tiles that fail their checksums. Refused
@@ -404,7 +407,7 @@ def kernel_matrix(
             the available memory); an integer.
 
     Returns a CPU tensor ``(N1, N2)`` in the inputs' dtype (or :class:`Kernels`). The
-    same as :func:`compute_kernel` of :func:`prepare_kernel`.
+    same as ``compute_kernel`` of ``prepare_kernel``.
     """
     if client is not None:  # before any store is opened and locked
         require("distributed", "dask", "kernel_matrix(client=...)")

@@ -11,13 +11,20 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from widenets.apps import cli  # noqa: E402
-from widenets.apps.demo import run_demo  # noqa: E402
+from widenets.apps.demo import (  # noqa: E402
+    TWIN_METRICS,
+    make_figure,
+    network_seed,
+    per_seed_slopes,
+    run_demo,
+    summarize_twins,
+)
 from widenets.architectures import demo_cnn as cnn_architecture  # noqa: E402
 from widenets.architectures import demo_mlp as architecture  # noqa: E402
 from widenets.datasets import load_digits as load_data  # noqa: E402
 
 SMALL = {"widths": (32, 512), "steps": 30, "n_train": 200, "n_test": 200, "seed": 0,
-         "cnn_n_train": 100, "cnn_n_test": 100}
+         "cnn_n_train": 100, "cnn_n_test": 100, "seeds": 3}
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +73,9 @@ def test_kernel_cache_computes_each_pair_once():
     calls = []
 
     class Counting:
-        def kernel(self, x1, x2=None, get="ntk"):
+        def kernel(self, x1, x2=None, get="ntk", progress=None):
             calls.append((len(x1), None if x2 is None else len(x2), get))
-            return net.kernel(x1, x2, get=get)
+            return net.kernel(x1, x2, get=get, progress=progress)
 
     cache = KernelCache(Counting(), {"train": data.x_train, "test": data.x_test})
     for get in ("ntk", "nngp"):
@@ -188,16 +195,22 @@ def test_run_demo_rejects_bad_arguments(tmp_path):
         run_demo(tmp_path, steps=0, progress=False)
     with pytest.raises(ValueError, match="cnn_n_test must be a positive integer"):
         run_demo(tmp_path, cnn_n_test=0, progress=False)
+    for seeds in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="seeds must be a positive integer"):
+            run_demo(tmp_path, seeds=seeds, progress=False)
 
 
 def test_cli_demo(tmp_path, capsys):
     out = tmp_path / "cli-out"
     status = cli.main(["demo", "--out", str(out), "--widths", "8,16", "--steps", "3",
-                       "--n-train", "100", "--seed", "1", "--no-progress",
+                       "--n-train", "100", "--seed", "1", "--no-progress", "--seeds", "2",
                        "--cnn-n-train", "20", "--cnn-n-test", "10"])
     assert status == 0
     assert (out / "report.md").is_file() and (out / "demo.png").is_file()
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.err == ""  # --no-progress: no bar at all, the kernels' own included
+    printed = captured.out
+    assert "over 2 seeds per width" in printed
     assert str(out / "report.md") in printed
     assert "NNGP posterior accuracy" in printed and "width    16" in printed
     assert "infinite CNN-GAP (20 train / 10 test images)" in printed
@@ -239,3 +252,190 @@ def test_cli_version(capsys):
         cli.main(["--version"])
     assert info.value.code == 0
     assert "widenets" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------- several seeds per width
+def test_results_hold_one_distance_per_width_and_seed(small_run):
+    _, results = small_run
+    runs, twins = results["runs"], results["twins"]
+    n_seeds = SMALL["seeds"]
+    assert results["settings"]["seeds"] == n_seeds
+    assert [(r["width"], r["replicate"]) for r in runs] == [
+        (w, k) for w in SMALL["widths"] for k in range(n_seeds)]
+    # Every network has its own initialisation ...
+    assert len({r["net_seed"] for r in runs}) == len(runs)
+    assert len({round(r["distance"], 12) for r in runs}) == len(runs)
+    assert all(math.isfinite(r["distance"]) and r["distance"] > 0 for r in runs)
+    # ... and each width's summary holds exactly its own networks' values.
+    assert [t["width"] for t in twins] == list(SMALL["widths"])
+    for twin in twins:
+        own = [r for r in runs if r["width"] == twin["width"]]
+        assert twin["seeds"] == n_seeds and twin["replicates"] == list(range(n_seeds))
+        for key in TWIN_METRICS:
+            assert twin["per_seed"][key] == [r[key] for r in own]
+
+
+def test_error_bars_are_computed_from_the_stored_values(small_run):
+    _, results = small_run
+    for twin in results["twins"]:
+        for key in TWIN_METRICS:
+            values = np.array([r[key] for r in results["runs"] if r["width"] == twin["width"]])
+            assert twin[key] == pytest.approx(np.mean(values), rel=1e-12, abs=1e-15)
+            assert twin[f"{key}_std"] == pytest.approx(np.std(values, ddof=1), rel=1e-12,
+                                                       abs=1e-15)
+            assert twin[f"{key}_sem"] == pytest.approx(
+                np.std(values, ddof=1) / math.sqrt(len(values)), rel=1e-12, abs=1e-15)
+        # The networks of one width do differ: a spread of zero would hide a bug.
+        assert twin["distance_std"] > 0
+
+
+def test_slope_is_fitted_to_the_means_and_per_seed(small_run):
+    _, results = small_run
+    twins = results["twins"]
+    widths = [t["width"] for t in twins]
+    means = [np.mean(t["per_seed"]["distance"]) for t in twins]
+    expected = np.polyfit(np.log(widths), np.log(means), 1)[0]
+    assert results["slope"] == pytest.approx(expected, rel=1e-10)
+    slopes = results["slope_per_seed"]
+    assert len(slopes) == SMALL["seeds"]
+    for k, slope in enumerate(slopes):
+        distances = [r["distance"] for r in results["runs"] if r["replicate"] == k]
+        assert slope == pytest.approx(np.polyfit(np.log(widths), np.log(distances), 1)[0])
+    assert results["slope_std"] == pytest.approx(np.std(slopes, ddof=1))
+    assert all(s < 0 for s in slopes)
+
+
+def test_report_and_summary_show_the_spread(small_run):
+    from widenets.apps.demo import summary
+
+    out, results = small_run
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "### Every network" in text
+    assert "one sample standard deviation over the seeds" in text
+    for run in results["runs"]:
+        assert f"| {run['width']} | {run['replicate']} | {run['net_seed']} |" in text
+        assert f"{run['distance']:.4f}" in text
+    for twin in results["twins"]:
+        assert f"{twin['distance']:.4f} ± {twin['distance_std']:.4f}" in text
+    assert "per-width means" in text
+    assert ", ".join(f"{s:.3f}" for s in results["slope_per_seed"]) in text
+    lines = summary(results)
+    assert any("± " in line and "width    32" in line for line in lines)
+    assert any("per seed" in line for line in lines)
+
+
+def test_network_seed_keeps_replicate_zero():
+    from widenets.apps.common import twin_seed
+
+    assert network_seed(0, 64) == network_seed(0, 64, 0) == twin_seed(0, 64)
+    seeds = {network_seed(s, w, k) for s in (0, 1) for w in (64, 256) for k in range(4)}
+    assert len(seeds) == 16
+
+
+def test_summarize_twins_one_seed_and_ragged_replicates():
+    runs = [
+        {"width": 8, "replicate": 0, "net_seed": 1, "seconds": 1.0,
+         **{key: 1.0 for key in TWIN_METRICS}, "distance": 0.8},
+        {"width": 32, "replicate": 0, "net_seed": 2, "seconds": 2.0,
+         **{key: 1.0 for key in TWIN_METRICS}, "distance": 0.4},
+        {"width": 32, "replicate": 1, "net_seed": 3, "seconds": 2.0,
+         **{key: 1.0 for key in TWIN_METRICS}, "distance": 0.2},
+    ]
+    small, large = summarize_twins(runs)
+    assert small["seeds"] == 1 and small["distance"] == 0.8 and small["distance_std"] == 0.0
+    assert large["seeds"] == 2 and large["distance"] == pytest.approx(0.3)
+    assert large["distance_std"] == pytest.approx(np.std([0.4, 0.2], ddof=1))
+    assert large["seconds"] == 4.0
+    assert small["local_slope"] is None
+    assert large["local_slope"] == pytest.approx(math.log(0.3 / 0.8) / math.log(4))
+    # Replicate 1 lacks width 8: only replicate 0 gives a slope (log2(0.4 / 0.8) / 2).
+    assert per_seed_slopes(runs) == [pytest.approx(-0.5)]
+
+
+def _legend_handle_visible(handle) -> bool:
+    from matplotlib.collections import Collection
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    if not handle.get_visible():
+        return False
+    if isinstance(handle, Line2D):
+        line = handle.get_linestyle() not in ("None", "none", "", " ") and (
+            handle.get_linewidth() > 0)
+        marker = handle.get_marker() not in (None, "None", "none", "", " ") and (
+            handle.get_markersize() > 0)
+        return line or marker
+    if isinstance(handle, Collection):
+        sizes = handle.get_sizes() if hasattr(handle, "get_sizes") else []
+        return bool((len(sizes) and max(sizes) > 0) or max(handle.get_linewidths()) > 0)
+    if isinstance(handle, Patch):
+        return handle.get_facecolor()[3] > 0 or handle.get_linewidth() > 0
+    return False
+
+
+@pytest.fixture(scope="module")
+def small_figure(small_run):
+    _, results = small_run
+    fig = make_figure(results)
+    fig.canvas.draw()  # lay out, as saving does
+    return fig
+
+
+def test_plot_legends_show_every_entry(small_figure):
+    from matplotlib.lines import Line2D
+
+    axes = small_figure.axes
+    assert len(axes) == 3
+    for ax in axes:
+        legend = ax.get_legend()
+        assert legend is not None
+        handles, texts = legend.legend_handles, legend.get_texts()
+        assert len(handles) == len(texts) > 0
+        for handle, text in zip(handles, texts):
+            assert _legend_handle_visible(handle), text.get_text()
+        # The artist behind every legend entry is drawn inside the axes: an entry for a
+        # line outside the view (the training loss at t = inf) would show nothing.
+        labels = {text.get_text() for text in texts}
+        box = ax.get_window_extent()
+        for line in ax.get_lines():
+            if line.get_label() in labels and isinstance(line, Line2D):
+                xy = line.get_transform().transform(
+                    np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float))
+                inside = ((xy[:, 0] >= box.x0 - 1) & (xy[:, 0] <= box.x1 + 1)
+                          & (xy[:, 1] >= box.y0 - 1) & (xy[:, 1] <= box.y1 + 1))
+                assert inside.any(), line.get_label()
+
+
+def test_plot_bars_start_at_zero_and_axes_are_labelled(small_figure, small_run):
+    _, results = small_run
+    acc_ax, dist_ax, losses_ax = small_figure.axes
+    assert acc_ax.get_ylim()[0] == 0.0
+    assert acc_ax.patches and all(rect.get_y() == 0.0 for rect in acc_ax.patches)
+    for ax in small_figure.axes:
+        assert ax.get_xlabel() and ax.get_ylabel()
+        for scale, label in ((ax.get_xscale(), ax.get_xlabel()),
+                             (ax.get_yscale(), ax.get_ylabel())):
+            if scale in ("log", "symlog"):
+                assert "log scale" in label, label
+    assert dist_ax.get_xscale() == dist_ax.get_yscale() == "log"
+    # Every error bar, and the legend, says how it was computed.
+    n_seeds = SMALL["seeds"]
+    assert f"± 1 sd, {n_seeds} seeds" in " ".join(
+        t.get_text() for ax in small_figure.axes for t in ax.get_legend().get_texts())
+
+
+def test_plot_error_bars_are_one_standard_deviation(small_figure, small_run):
+    _, results = small_run
+    twins = results["twins"]
+    _, dist_ax, _ = small_figure.axes
+    # The first error-bar container of the distance panel is the distance to the NTK
+    # prediction: one vertical bar per width from mean - sd to mean + sd.
+    container = next(c for c in dist_ax.containers if c.has_yerr)
+    (bars,) = container.lines[2]
+    segments = bars.get_segments()
+    assert len(segments) == len(twins)
+    for segment, twin in zip(segments, twins):
+        (x0, y0), (x1, y1) = segment
+        assert x0 == x1 == twin["width"]
+        assert sorted((y0, y1)) == pytest.approx(
+            [twin["distance"] - twin["distance_std"], twin["distance"] + twin["distance_std"]])

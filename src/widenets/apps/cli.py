@@ -120,6 +120,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         DEFAULT_CNN_N_TEST,
         DEFAULT_CNN_N_TRAIN,
         DEFAULT_N_TRAIN,
+        DEFAULT_SEEDS,
         DEFAULT_STEPS,
         DEFAULT_WIDTHS,
     )
@@ -146,6 +147,9 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--cnn-n-test", type=positive_int, default=DEFAULT_CNN_N_TEST,
                         help="test images for the convolutional network "
                              "(default: %(default)s)")
+    parser.add_argument("--seeds", type=positive_int, default=DEFAULT_SEEDS,
+                        help="independently initialised networks per width, for the error "
+                             "bars (default: %(default)s)")
     parser.add_argument("--float64", action="store_true",
                         help="train the finite networks in float64 (default: float32)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -166,6 +170,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
             widths=widths,
             steps=args.steps,
             seed=args.seed,
+            seeds=args.seeds,
             progress=not args.no_progress,
             n_train=args.n_train,
             cnn_n_train=args.cnn_n_train,

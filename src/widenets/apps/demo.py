@@ -11,13 +11,16 @@ On scikit-learn's bundled digits (1797 images of 8x8 pixels, no download) it
    (:func:`~widenets.predict.gradient_descent_mse_ensemble`): test accuracy and MSE of
    its mean at a few times and at ``t = inf``, and its expected train and test loss
    against time (:func:`~widenets.plot.expected_losses`);
-3. builds finite twins of that architecture (widths 64, 256, 1024 by default), trains
+3. builds finite twins of that architecture (widths 64, 256, 1024 by default, several
+   independently initialised networks per width: ``seeds``), trains
    each by full-batch gradient descent on ``L = 1/2 sum (f - y)^2`` and compares its
    test outputs with the NTK prediction for the same training run: the linearized
    infinite network trained for the same number of steps, at the same learning rate,
    *from the same initial outputs* as the finite network, and with the ensemble's
    mean at the same time, whose distance to one network approaches the spread the
-   ensemble predicts rather than zero;
+   ensemble predicts rather than zero; the distances are summarised per width by their
+   mean and standard deviation over the seeds, and the slope of log(distance) against
+   log(width) is fitted to the per-width means;
 4. writes ``report.md`` and ``demo.png`` into an output folder.
 
 Run it with ``widenets demo`` (see :mod:`widenets.cli`) or :func:`run_demo`.
@@ -30,7 +33,7 @@ import platform
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,8 +48,21 @@ from ..predict import KernelSource, gp_inference, gradient_descent_mse
 from ..version import __version__
 from .common import progress_bar, relative_distance, require, twin_seed
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 #: Widths of the finite twins trained by default.
 DEFAULT_WIDTHS: tuple[int, ...] = (64, 256, 1024)
+#: Independently initialised networks per width by default (the data split is fixed by
+#: ``seed``). Each seed adds the twins' training, about 16 s on 2 cores: 3 seeds make the
+#: demo about 60 s instead of 28 s with one.
+DEFAULT_SEEDS = 3
+#: The per-network quantities of :func:`train_twin` that :func:`summarize_twins`
+#: averages over the seeds of each width.
+TWIN_METRICS: tuple[str, ...] = (
+    "accuracy", "ntk_accuracy", "distance", "distance_to_ntk_mean",
+    "distance_to_ensemble_mean", "train_loss", "test_loss",
+)
 #: Full-batch gradient-descent steps by default.
 DEFAULT_STEPS = 300
 #: Training examples by default (the other 797 digits are the test set).
@@ -110,8 +126,11 @@ class KernelCache:
         if (a, b) not in self.kernels and (b, a) in self.kernels:
             return {name: k.T for name, k in self.kernels[(b, a)].items()}
         if (a, b) not in self.kernels:
+            # progress=False: the demo's own bars count these blocks
             both = self.net.kernel(self.inputs[a], None if a == b else self.inputs[b],
-                                   get=("nngp", "ntk"))
+                                   get=("nngp", "ntk"), progress=False)
+            if both.nngp is None or both.ntk is None:
+                raise RuntimeError("the kernel computation returned no NNGP or no NTK")
             self.kernels[(a, b)] = {"nngp": both.nngp, "ntk": both.ntk}
         return self.kernels[(a, b)]
 
@@ -127,7 +146,7 @@ class KernelCache:
         a = self._name(t1)
         b = a if t2 is None else self._name(t2)
         if a is None or b is None:
-            return self.net.kernel(t1, t2, get=get)
+            return self.net.kernel(t1, t2, get=get, progress=False)
         return self.pair(a, b)[get]
 
 
@@ -148,7 +167,7 @@ def posterior_mean(
     """
     first = torch.as_tensor(x_train[:1])
     if isinstance(net_or_kernels, Layer):
-        k_first = net_or_kernels.kernel(first, None, get=get)
+        k_first = net_or_kernels.kernel(first, None, get=get, progress=False)
     else:
         k_first = net_or_kernels(first, None, get)
     diag = float(torch.as_tensor(k_first)[0, 0])
@@ -254,6 +273,8 @@ def infinite_predictions(
         learning_rate = LR_FRACTION / lam_max
         gd = gradient_descent_mse(ntk_train, data.y_train, learning_rate, discrete=True)
         _, mean_at_steps = gd(steps, fx_train_0=0.0, k_test_train=ntk_test_train)
+        if mean_at_steps is None:
+            raise RuntimeError("gradient_descent_mse returned no test prediction")
         timings["NTK spectrum and dynamics"] = time.perf_counter() - start
         bar.update(1)
 
@@ -313,6 +334,7 @@ def train_twin(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    replicate: int = 0,
 ) -> dict[str, Any]:
     """Train the finite twin of ``width`` and compare it with its NTK prediction.
 
@@ -327,11 +349,15 @@ def train_twin(
     test distance ``||f_net - f_ntk|| / ||f_ntk||``, the relative distance to the NTK
     mean prediction (started from zero outputs, which ignores ``f0``), the relative
     distance to the NTK ensemble's mean at the matching time ``steps * lr`` (gradient
-    flow), the final training loss, the test loss ``1/2 sum (f - y)^2`` per test point
-    and the seconds spent.
+    flow), the final training loss, the test loss ``1/2 sum (f - y)^2`` per test point,
+    the seconds spent, ``replicate`` and ``net_seed`` (see :func:`network_seed`).
+
+    ``replicate`` numbers the independently initialised networks of one width under
+    one ``seed`` (0, 1, 2, ...); replicate 0 is the network of earlier versions.
     """
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(twin_seed(seed, width))
+    net_seed = network_seed(seed, width, replicate)
+    generator = torch.Generator().manual_seed(net_seed)
     model = demo_mlp(width).build((data.x_train.shape[1],), generator, dtype=dtype)
     x_train = torch.as_tensor(data.x_train, dtype=dtype)
     x_test = torch.as_tensor(data.x_test, dtype=dtype)
@@ -342,8 +368,8 @@ def train_twin(
     lr = infinite["learning_rate"]
 
     loss_value = float("nan")
-    bar = progress_bar(range(steps), enabled=progress, desc=f"width {width:>5}",
-                        unit="step")
+    bar = progress_bar(range(steps), enabled=progress,
+                        desc=f"width {width:>5} seed {replicate}", unit="step")
     for step in bar:
         loss = 0.5 * (model(x_train) - y_train).pow(2).sum()
         grads = torch.autograd.grad(loss, params)
@@ -372,6 +398,8 @@ def train_twin(
     )
     return {
         "width": width,
+        "replicate": replicate,
+        "net_seed": net_seed,
         "accuracy": accuracy(f_test, data.labels_test),
         "ntk_accuracy": accuracy(f_ntk, data.labels_test),
         "distance": relative_distance(f_test, f_ntk),
@@ -385,6 +413,17 @@ def train_twin(
     }
 
 
+def network_seed(seed: int, width: int, replicate: int = 0) -> int:
+    """The seed of the parameters of network ``replicate`` of ``width`` under ``seed``.
+
+    Replicate 0 keeps :func:`~widenets.apps.common.twin_seed` (the single network of
+    earlier versions); the others draw from ``SeedSequence([seed, width, replicate])``.
+    """
+    if replicate == 0:
+        return twin_seed(seed, width)
+    return int(np.random.SeedSequence([seed, width, replicate]).generate_state(1)[0])
+
+
 def fit_slope(widths: Sequence[int], distances: Sequence[float]) -> float | None:
     """Least-squares slope of ``log(distance)`` against ``log(width)`` (``None`` if < 2)."""
     if len(set(widths)) < 2:
@@ -393,10 +432,104 @@ def fit_slope(widths: Sequence[int], distances: Sequence[float]) -> float | None
     return float(slope)
 
 
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0.0 for a single value)."""
+    array = np.asarray(values, dtype=float)
+    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return float(array.mean()), std
+
+
+def summarize_twins(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per width (in order of first appearance) from :func:`train_twin`'s runs.
+
+    For each quantity ``q`` of ``TWIN_METRICS``: ``q`` is the mean over the width's
+    seeds, ``q_std`` the sample standard deviation (``ddof=1``; 0.0 for one seed) and
+    ``q_sem`` the standard error ``q_std / sqrt(seeds)``; ``per_seed[q]`` holds the
+    values themselves, in the order of ``replicates``. Also ``width``, ``seeds``
+    (the number of networks), ``replicates``, ``net_seeds``, ``seconds`` (summed) and
+    ``local_slope``: the slope of log(mean distance) from the previous width (``None``
+    for the first).
+    """
+    by_width: dict[int, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_width.setdefault(int(run["width"]), []).append(run)
+    twins: list[dict[str, Any]] = []
+    for width, group in by_width.items():
+        twin: dict[str, Any] = {
+            "width": width,
+            "seeds": len(group),
+            "replicates": [int(r.get("replicate", i)) for i, r in enumerate(group)],
+            "net_seeds": [r.get("net_seed") for r in group],
+            "seconds": float(sum(r["seconds"] for r in group)),
+            "per_seed": {},
+        }
+        for key in TWIN_METRICS:
+            values = [float(r[key]) for r in group]
+            mean, std = mean_and_std(values)
+            twin["per_seed"][key] = values
+            twin[key], twin[f"{key}_std"] = mean, std
+            twin[f"{key}_sem"] = std / math.sqrt(len(values))
+        previous = twins[-1] if twins else None
+        twin["local_slope"] = (
+            None if previous is None
+            else fit_slope([previous["width"], width], [previous["distance"], twin["distance"]])
+        )
+        twins.append(twin)
+    return twins
+
+
+def per_seed_slopes(runs: Sequence[dict[str, Any]]) -> list[float]:
+    """The slope fitted to each replicate's networks alone (one per width), as a
+    demo with one network per width would report it; replicates that lack a width
+    are left out, and there are none with fewer than two widths."""
+    widths = sorted({int(r["width"]) for r in runs})
+    if len(widths) < 2:
+        return []
+    by_replicate: dict[int, dict[int, float]] = {}
+    for run in runs:
+        by_replicate.setdefault(int(run.get("replicate", 0)), {})[int(run["width"])] = float(
+            run["distance"])
+    slopes = []
+    for _, distances in sorted(by_replicate.items()):
+        if sorted(distances) == widths:
+            slope = fit_slope(widths, [distances[w] for w in widths])
+            if slope is not None:
+                slopes.append(slope)
+    return slopes
+
+
+def _pm(mean: float, std: float, digits: int = 4) -> str:
+    """``mean ± std`` with ``digits`` decimals."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def _format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
+
+
+def _slope_text(results: dict[str, Any]) -> str:
+    """The report's paragraph on the fitted slope and its spread over the seeds."""
+    slope = results["slope"]
+    if slope is None:
+        return "Only one width: no slope fitted."
+    n_widths = len(results["twins"])
+    text = (
+        "Fitted slope of log(distance) against log(width), least squares through the "
+        f"{n_widths} per-width means of the distance: **{slope:.2f}** (theory: -0.5, "
+        "i.e. distance ~ 1/sqrt(width))."
+    )
+    slopes = results.get("slope_per_seed") or []
+    if len(slopes) > 1:
+        mean, std = mean_and_std(slopes)
+        text += (
+            " Fitted to each seed's networks alone (one network per width, as a demo "
+            f"with a single seed reports it): {', '.join(f'{s:.3f}' for s in slopes)}; "
+            f"mean {mean:.3f} ± {std:.3f} (one standard deviation over the "
+            f"{len(slopes)} seeds; range {min(slopes):.3f} to {max(slopes):.3f})."
+        )
+    return text
 
 
 def write_report(path: str | Path, results: dict[str, Any]) -> Path:
@@ -404,6 +537,7 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
     path = Path(path)
     s = results["settings"]
     steps = s["steps"]
+    n_seeds = int(s.get("seeds", 1))
     lines = [
         "# widenets demo: infinite and finite ReLU networks on digits",
         "",
@@ -479,22 +613,53 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
         "",
         f"## Finite twins after {steps} steps of full-batch gradient descent",
         "",
+        f"{n_seeds} independently initialised network{'s' if n_seeds > 1 else ''} per "
+        "width, all on the same data split. Each entry is the mean over the seeds "
+        + ("± one sample standard deviation over the seeds (ddof = 1; the standard "
+           f"error of the mean is that divided by sqrt({n_seeds}))"
+           if n_seeds > 1 else "(one seed: no spread)")
+        + "; the values of every network follow in the next table.",
+        "",
     ]
     lines += _format_table(
-        ["width", "test accuracy", "NTK prediction accuracy (same f0)",
-         "distance to NTK prediction", "slope from previous width",
+        ["width", "networks", "test accuracy", "NTK prediction accuracy (same f0)",
+         "distance to NTK prediction", "slope from previous width (means)",
          "distance to NTK mean (f0 = 0)", "distance to ensemble mean",
-         "train loss", "test loss per point", "time (s)"],
+         "train loss", "test loss per point", "time (s, all networks)"],
         [
-            [str(t["width"]), f"{t['accuracy']:.4f}", f"{t['ntk_accuracy']:.4f}",
-             f"{t['distance']:.4f}",
+            [str(t["width"]), str(t["seeds"]),
+             _pm(t["accuracy"], t["accuracy_std"]),
+             _pm(t["ntk_accuracy"], t["ntk_accuracy_std"]),
+             _pm(t["distance"], t["distance_std"]),
              "" if t.get("local_slope") is None else f"{t['local_slope']:.2f}",
-             f"{t['distance_to_ntk_mean']:.4f}", f"{t['distance_to_ensemble_mean']:.4f}",
-             f"{t['train_loss']:.3g}", f"{t['test_loss']:.4f}", f"{t['seconds']:.1f}"]
+             _pm(t["distance_to_ntk_mean"], t["distance_to_ntk_mean_std"]),
+             _pm(t["distance_to_ensemble_mean"], t["distance_to_ensemble_mean_std"]),
+             f"{t['train_loss']:.3g} ± {t['train_loss_std']:.2g}",
+             _pm(t["test_loss"], t["test_loss_std"]), f"{t['seconds']:.1f}"]
             for t in results["twins"]
         ],
     )
-    slope = results["slope"]
+    lines += [
+        "",
+        "### Every network",
+        "",
+        "Seed: the number of the network within its width (0, 1, ...); parameter seed: "
+        "the seed of its `torch.Generator` (`widenets.apps.demo.network_seed`).",
+        "",
+    ]
+    lines += _format_table(
+        ["width", "seed", "parameter seed", "test accuracy",
+         "NTK prediction accuracy (same f0)", "distance to NTK prediction",
+         "distance to NTK mean (f0 = 0)", "distance to ensemble mean", "train loss",
+         "test loss per point", "time (s)"],
+        [
+            [str(r["width"]), str(r.get("replicate", 0)), str(r.get("net_seed", "")),
+             f"{r['accuracy']:.4f}", f"{r['ntk_accuracy']:.4f}", f"{r['distance']:.4f}",
+             f"{r['distance_to_ntk_mean']:.4f}", f"{r['distance_to_ensemble_mean']:.4f}",
+             f"{r['train_loss']:.3g}", f"{r['test_loss']:.4f}", f"{r['seconds']:.1f}"]
+            for r in results.get("runs", results["twins"])
+        ],
+    )
     at_twins = results["ensemble_at_twins"]
     lines += [
         "",
@@ -513,9 +678,7 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
         f"for the same {steps} steps at the same learning rate from the finite network's "
         "own initial outputs `f0(X_train)`, `f0(X_test)`.",
         "",
-        ("Fitted slope of log(distance) against log(width): "
-         f"**{slope:.2f}** (theory: -0.5, i.e. distance ~ 1/sqrt(width))."
-         if slope is not None else "Only one width: no slope fitted."),
+        _slope_text(results),
         "",
         "## Settings",
         "",
@@ -537,8 +700,9 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
         f"eigenvalue is {results['lambda_min']:.3g}, so the slowest directions are still "
         "far from converged after these steps: that is early stopping, the same for "
         "networks and NTK.",
-        f"- Finite twins: widths {', '.join(str(w) for w in s['widths'])}, parameters drawn "
-        "from `torch.Generator` seeded by (seed, width), trained in "
+        f"- Finite twins: widths {', '.join(str(w) for w in s['widths'])}, {n_seeds} "
+        f"network{'s' if n_seeds > 1 else ''} per width, parameters drawn "
+        "from `torch.Generator` seeded by (seed, width, network), trained in "
         f"{s['dtype']}; outputs compared in float64.",
         "",
         "## Notes",
@@ -561,7 +725,8 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
         "predictions fit the same targets, so their gap stays of order one); the -1/2 "
         "law is the large-width asymptote, reached sooner with fewer steps.",
         "- The posterior accuracies use the exact kernels; the finite columns vary with "
-        "the seed (one network per width).",
+        f"the network's initialisation: the tables give their mean and spread over "
+        f"{n_seeds} seed{'s' if n_seeds > 1 else ''} per width, and every network.",
         "- The NNGP and NTK between the training and test sets are computed once, both "
         "together, and serve the posteriors, the ensemble and the twins' predictions "
         "(`KernelCache`, a kernel function for `widenets.predict`).",
@@ -578,29 +743,44 @@ def write_report(path: str | Path, results: dict[str, Any]) -> Path:
     return path
 
 
-def plot(path: str | Path, results: dict[str, Any]) -> Path:
-    """Save the three-panel figure of :func:`run_demo`'s ``results`` as a PNG at ``path``.
+def _spread_text(n_seeds: int) -> str:
+    """How the figure's error bars are computed, for ``n_seeds`` seeds per width."""
+    if n_seeds > 1:
+        return f"mean ± 1 sd, {n_seeds} seeds"
+    return "one seed, no error bar"
 
-    Left: test accuracies of the infinite network and the finite twins. Middle: the
-    distance to the NTK prediction against width on log-log axes, with a slope -1/2
-    guide, and the (non-shrinking) distance to the f0-free NTK mean. Right: the NTK
-    ensemble's expected train and test loss per point against training time
-    (:func:`~widenets.plot.plot_expected_losses`), with the twins' test losses at
-    their training time.
+
+def make_figure(results: dict[str, Any]) -> Figure:
+    """The three-panel figure of :func:`run_demo`'s ``results`` (see :func:`plot`).
+
+    Every legend entry names something drawn in view with a visible line or marker;
+    error bars are one sample standard deviation over the seeds of each width.
     """
     require(("sklearn", "matplotlib"), "the demo")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
 
-    path = Path(path)
-    twins = results["twins"]
-    steps = results["settings"]["steps"]
-    widths = np.array([t["width"] for t in twins], dtype=float)
-    fig = Figure(figsize=(16, 4.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    left, right, losses_ax = fig.subplots(1, 3, width_ratios=(1.0, 1.0, 0.9))
+    from ..plot import plot_expected_losses
 
+    twins = results["twins"]
+    settings = results["settings"]
+    steps = settings["steps"]
+    n_seeds = int(settings.get("seeds", 1))
+    spread = _spread_text(n_seeds)
+    widths = np.array([t["width"] for t in twins], dtype=float)
+
+    def std_of(twin: dict[str, Any], key: str) -> float:
+        return float(twin.get(f"{key}_std", 0.0))
+
+    def per_seed(twin: dict[str, Any], key: str) -> list[float]:
+        return list(twin.get("per_seed", {}).get(key, [twin[key]]))
+
+    fig = Figure(figsize=(16, 5.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    acc_ax, dist_ax, losses_ax = fig.subplots(1, 3, width_ratios=(1.0, 1.0, 0.95))
+
+    # Left: accuracies; bars from zero, the twins' bars are means over their seeds.
     labels = ["NNGP\nposterior", "NTK\nposterior", f"NTK mean\n{steps} steps"]
     values = [results["nngp_accuracy"], results["ntk_accuracy"],
               results["ntk_gd_mean_accuracy"]]
@@ -609,67 +789,151 @@ def plot(path: str | Path, results: dict[str, Any]) -> Path:
         labels.append(f"width\n{t['width']}")
         values.append(t["accuracy"])
         colors.append("tab:gray")
-    positions = np.arange(len(values))
-    bars = left.bar(positions, values, color=colors)
-    ntk_same_f0 = [t["ntk_accuracy"] for t in twins]
-    left.scatter(positions[3:], ntk_same_f0, marker="_", s=400, color="black", zorder=3)
-    left.set_xticks(positions, labels, fontsize=8)
-    left.set_ylim(0.0, 1.0)  # bars start at zero: their heights compare honestly
+    positions = np.arange(len(values), dtype=float)
+    bars = acc_ax.bar(positions, values, color=colors)
+    twin_positions = positions[3:]
+    acc_ax.errorbar(twin_positions, [t["accuracy"] for t in twins],
+                    yerr=[std_of(t, "accuracy") for t in twins], fmt="none", ecolor="black",
+                    elinewidth=1.5, capsize=5, zorder=4,
+                    label=f"finite twins: bar = {spread}")
+    offsets = np.linspace(-0.22, 0.22, n_seeds) if n_seeds > 1 else np.zeros(1)
+    for i, t in enumerate(twins):
+        seeds_acc = per_seed(t, "accuracy")
+        acc_ax.scatter(twin_positions[i] + offsets[:len(seeds_acc)], seeds_acc, s=12,
+                       color="white", edgecolors="black", linewidths=0.8, zorder=5,
+                       label="one network (one seed)" if i == 0 else None)
+    acc_ax.scatter(twin_positions, [t["ntk_accuracy"] for t in twins], marker="_", s=500,
+                   linewidths=2.0, color="tab:red", zorder=3,
+                   label="NTK prediction from the same f0 (mean over seeds)")
+    acc_ax.set_xticks(positions, labels, fontsize=8)
+    # Bars start at zero so that their heights compare honestly; the space above 1
+    # holds the legend.
+    acc_ax.set_ylim(0.0, 1.3)
+    acc_ax.set_yticks(np.linspace(0.0, 1.0, 6))
     for rect, value in zip(bars, values, strict=True):
-        left.annotate(f"{value:.3f}", (rect.get_x() + rect.get_width() / 2, 0.0),
-                      xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                      fontsize=8, color="white")
-    left.set_ylabel("test accuracy")
-    left.set_title("Digits: infinite network vs finite twins")
-    left.set_xlabel("black ticks: NTK prediction from the same initial outputs f0",
-                    fontsize=8)
+        acc_ax.annotate(f"{value:.3f}", (rect.get_x() + rect.get_width() / 2, 0.0),
+                        xytext=(0, 3), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=8, color="white")
+    acc_ax.set_ylabel(f"test accuracy (fraction of {settings['n_test']} test digits)")
+    acc_ax.set_xlabel("infinite network (colours); finite twins by hidden width (grey)",
+                      fontsize=9)
+    acc_ax.set_title("Digits: infinite network vs finite twins", fontsize=10)
+    acc_ax.legend(fontsize=7.5, loc="upper right")
 
+    # Middle: distance to the NTK prediction against width, log-log.
     distances = np.array([t["distance"] for t in twins])
-    right.loglog(widths, distances, "o-", color="tab:red",
-                 label="||f_net - f_ntk|| / ||f_ntk|| (same f0)")
-    right.loglog(widths, [t["distance_to_ntk_mean"] for t in twins], "s--",
-                 color="tab:gray", label="distance to NTK mean (f0 = 0)")
-    if len(widths) >= 1:
-        guide = distances[0] * np.sqrt(widths[0] / widths)
-        right.loglog(widths, guide, ":", color="black", label="slope -1/2")
+    for i, t in enumerate(twins):
+        seeds_d = per_seed(t, "distance")
+        dist_ax.scatter([t["width"]] * len(seeds_d), seeds_d, s=14, color="tab:red",
+                        alpha=0.45, linewidths=0, zorder=3,
+                        label="one network (one seed)" if i == 0 else None)
+    dist_ax.errorbar(widths, distances, yerr=[std_of(t, "distance") for t in twins],
+                     fmt="o-", color="tab:red", capsize=4, zorder=4,
+                     label=f"to the NTK prediction, same f0 ({spread})")
+    dist_ax.errorbar(widths, [t["distance_to_ntk_mean"] for t in twins],
+                     yerr=[std_of(t, "distance_to_ntk_mean") for t in twins], fmt="s--",
+                     color="tab:gray", capsize=4, label=f"to the NTK mean, f0 = 0 ({spread})")
     slope = results["slope"]
-    title = "Distance to the NTK prediction (test set)"
     if slope is not None:
-        title += f", fitted slope {slope:.2f}"
-    right.set_title(title, fontsize=10)
-    right.set_xlabel("width")
-    right.set_ylabel("relative distance")
+        coefficients = np.polyfit(np.log(widths), np.log(distances), 1)
+        dist_ax.plot(widths, np.exp(np.polyval(coefficients, np.log(widths))), "-",
+                     color="tab:red", linewidth=1.0, alpha=0.6,
+                     label=f"least-squares fit to the means, slope {slope:.2f}")
+    guide = distances[0] * np.sqrt(widths[0] / widths)
+    dist_ax.plot(widths, guide, ":", color="black", label="slope -1/2 (theory)")
+    title = "Distance to the NTK prediction (test set)"
+    slopes = results.get("slope_per_seed") or []
+    if slope is not None:
+        title += f"\nfitted slope {slope:.2f}"
+        if len(slopes) > 1:
+            mean, std = mean_and_std(slopes)
+            title += f"; per-seed fits {mean:.2f} ± {std:.2f} (sd, {len(slopes)} seeds)"
+    dist_ax.set_title(title, fontsize=10)
+    dist_ax.set_xscale("log")
+    dist_ax.set_yscale("log")
+    dist_ax.set_xlabel("hidden width (units per hidden layer, log scale)")
+    dist_ax.set_ylabel("relative distance ||f_net - f|| / ||f|| on the test set\n"
+                       "(dimensionless, log scale)")
     for width, distance in zip(widths, distances, strict=True):
-        right.annotate(f"{distance:.3f}", (width, distance), xytext=(4, 4),
-                       textcoords="offset points", fontsize=8, color="tab:red")
-    right.set_xticks(widths, [str(int(w)) for w in widths])
-    right.set_xlim(widths.min() / 1.3, widths.max() * 1.6)
-    right.xaxis.set_minor_locator(NullLocator())
-    right.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    right.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    right.yaxis.set_minor_locator(NullLocator())
-    right.legend(fontsize=8)
+        dist_ax.annotate(f"{distance:.3f}", (width, distance), xytext=(7, 2),
+                         textcoords="offset points", fontsize=8, color="tab:red")
+    dist_ax.set_xticks(widths, [str(int(w)) for w in widths])
+    dist_ax.set_xlim(widths.min() / 1.4, widths.max() * 1.6)
+    dist_ax.xaxis.set_minor_locator(NullLocator())
+    dist_ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    dist_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    dist_ax.yaxis.set_minor_locator(NullLocator())
+    # Room below the points for the legend (the distances fall to the lower right).
+    y_low, y_high = dist_ax.get_ylim()
+    dist_ax.set_ylim(y_low / 2.5, y_high)
+    dist_ax.legend(fontsize=7.5, loc="lower left")
 
-    from ..plot import plot_expected_losses
-
+    # Right: the ensemble's expected losses over time, with the twins' test losses.
     plot_expected_losses(results["losses"], ax=losses_ax, per_point=True)
     twin_time = steps * results["learning_rate"]
-    losses_ax.axvline(twin_time, color="black", linestyle=":", linewidth=1,
+    losses_ax.axvline(twin_time, color="black", linestyle=":", linewidth=1.2,
                       label=f"{steps} steps (the twins)")
-    losses_ax.scatter([twin_time] * len(twins), [t["test_loss"] for t in twins],
-                      marker="x", color="tab:gray", zorder=4, label="twins' test loss")
+    test_losses = np.array([t["test_loss"] for t in twins])
+    test_stds = np.array([std_of(t, "test_loss") for t in twins])
+    losses_ax.errorbar([twin_time] * len(twins), test_losses, yerr=test_stds, fmt="x",
+                       color="dimgray", capsize=3, zorder=4,
+                       label=f"twins' test loss, {spread}")
     for i, t in enumerate(twins):  # labels alternately right and left of the markers
         losses_ax.annotate(str(t["width"]), (twin_time, t["test_loss"]),
-                           xytext=(5 if i % 2 == 0 else -5, -3), textcoords="offset points",
+                           xytext=(9 if i % 2 == 0 else -9, -3), textcoords="offset points",
                            ha="left" if i % 2 == 0 else "right", fontsize=7, color="dimgray")
     # The training loss falls towards zero: show the range of the test loss.
     test = results["losses"].test / results["losses"].n_test
-    losses_ax.set_ylim(0.2 * min(float(test.min()), *(t["test_loss"] for t in twins)),
-                       2.0 * float(test.max()))
-    losses_ax.set_xlabel("training time t (gradient flow at rate 1; t / lr steps)")
+    low = min(float(test.min()), float((test_losses - test_stds).min()))
+    low = low if low > 0 else float(test_losses.min())
+    losses_ax.set_ylim(0.5 * low, 2.0 * max(float(test.max()),
+                                             float((test_losses + test_stds).max())))
+    scale_text = {"symlog": "symmetric log scale, linear near 0", "log": "log scale"}.get(
+        losses_ax.get_xscale(), "linear scale")
+    losses_ax.set_xlabel(f"training time t = steps × lr, gradient flow\n({scale_text})")
+    losses_ax.set_ylabel("E[1/2 Σ (f − y)²] per point\n"
+                         f"(dimensionless, {losses_ax.get_yscale()} scale)")
     losses_ax.set_title("NTK ensemble: expected loss per point", fontsize=10)
-    losses_ax.legend(fontsize=8, loc="upper right")
-    fig.savefig(path, dpi=120)
+    _legend_in_view(losses_ax, fontsize=7.5, loc="upper right")
+    return fig
+
+
+def _legend_in_view(ax: Any, **kwargs: Any) -> None:
+    """``ax.legend(**kwargs)`` without the lines drawn entirely outside the view (such as
+    a horizontal line below the y range): a legend entry for them would show nothing."""
+    from matplotlib.lines import Line2D
+
+    box = ax.get_window_extent()
+    handles, labels = [], []
+    for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+        if isinstance(handle, Line2D):
+            points = np.column_stack([np.asarray(handle.get_xdata(), dtype=float),
+                                      np.asarray(handle.get_ydata(), dtype=float)])
+            xy = handle.get_transform().transform(points)  # display coordinates
+            inside = ((xy[:, 0] >= box.x0 - 0.5) & (xy[:, 0] <= box.x1 + 0.5)
+                      & (xy[:, 1] >= box.y0 - 0.5) & (xy[:, 1] <= box.y1 + 0.5))
+            if not inside.any():
+                continue
+        handles.append(handle)
+        labels.append(label)
+    ax.legend(handles, labels, **kwargs)
+
+
+def plot(path: str | Path, results: dict[str, Any]) -> Path:
+    """Save the three-panel figure of :func:`run_demo`'s ``results`` as a PNG at ``path``.
+
+    Left: test accuracies of the infinite network and the finite twins (bars from 0;
+    the twins' bars are the means over their seeds, with error bars of one standard
+    deviation and a dot per network). Middle: the distance to the NTK prediction
+    against width on log-log axes, mean ± one standard deviation over the seeds, each
+    network as a dot, the least-squares fit to the means and a slope -1/2 guide, and the
+    (non-shrinking) distance to the f0-free NTK mean. Right: the NTK ensemble's
+    expected train and test loss per point against training time
+    (:func:`~widenets.plot.plot_expected_losses`), with the twins' test losses at
+    their training time. The figure itself is :func:`make_figure`.
+    """
+    path = Path(path)
+    make_figure(results).savefig(path, dpi=120)
     return path
 
 
@@ -695,15 +959,24 @@ def summary(results: dict[str, Any]) -> list[str]:
         f"test images): NNGP posterior accuracy {results['cnn']['nngp_accuracy']:.4f}, "
         f"NTK posterior accuracy {results['cnn']['ntk_accuracy']:.4f}",
     ]
+    n_seeds = int(s.get("seeds", 1))
+    if n_seeds > 1:
+        lines.append(f"finite twins: mean ± one standard deviation over {n_seeds} seeds "
+                     "per width")
     for t in results["twins"]:
         lines.append(
-            f"width {t['width']:>5}: accuracy {t['accuracy']:.4f} "
+            f"width {t['width']:>5}: accuracy {_pm(t['accuracy'], t['accuracy_std'])} "
             f"(NTK prediction {t['ntk_accuracy']:.4f}), "
-            f"distance to NTK prediction {t['distance']:.4f}, "
+            f"distance to NTK prediction {_pm(t['distance'], t['distance_std'])}, "
             f"to ensemble mean {t['distance_to_ensemble_mean']:.4f}"
         )
     if results["slope"] is not None:
-        lines.append(f"distance ~ width^{results['slope']:.2f} (theory: width^-0.5)")
+        line = f"distance ~ width^{results['slope']:.2f} (fit to the per-width means"
+        slopes = results.get("slope_per_seed") or []
+        if len(slopes) > 1:
+            mean, std = mean_and_std(slopes)
+            line += f"; per seed {mean:.2f} ± {std:.2f}"
+        lines.append(line + "; theory: width^-0.5)")
     at_twins = results["ensemble_at_twins"]
     lines.append(f"distance to ensemble mean -> its expected spread {at_twins['spread']:.4f} "
                  f"at {_time_text(at_twins)}")
@@ -722,6 +995,7 @@ def run_demo(
     dtype: torch.dtype = torch.float32,
     cnn_n_train: int = DEFAULT_CNN_N_TRAIN,
     cnn_n_test: int = DEFAULT_CNN_N_TEST,
+    seeds: int = DEFAULT_SEEDS,
 ) -> dict[str, Any]:
     """Run the demo and write ``report.md`` and ``demo.png`` into ``out_dir``.
 
@@ -735,14 +1009,21 @@ def run_demo(
         dtype: dtype of the finite twins during training (float32 or float64).
         cnn_n_train, cnn_n_test: images for the convolutional network (the first ones
             of the split; at most the split's sizes).
+        seeds: independently initialised networks per width (positive integer), all on
+            the same split; their parameters come from :func:`network_seed`.
 
     Returns:
         A dict with ``nngp_accuracy``, ``ntk_accuracy``, ``ntk_gd_mean_accuracy``,
         ``ensemble`` (the NTK ensemble's mean accuracy, MSE, expected losses and spread
         at a few times, see :func:`infinite_predictions`), ``ensemble_at_twins``,
         ``losses`` (:class:`~widenets.plot.ExpectedLosses` over the time grid),
-        ``learning_rate``, ``lambda_max``, ``twins`` (one dict per width, see
-        :func:`train_twin`), ``slope`` (of log distance against log width),
+        ``learning_rate``, ``lambda_max``, ``runs`` (one dict per width and seed, see
+        :func:`train_twin`), ``twins`` (one dict per width: means, standard deviations
+        and per-seed values over its seeds, see :func:`summarize_twins`), ``slope`` (of
+        log mean distance against log width: fitted to the per-width means),
+        ``slope_per_seed`` (the slope of each seed's networks alone, see
+        :func:`per_seed_slopes`), ``slope_std`` (their standard deviation, ``None``
+        with fewer than two),
         ``cnn`` (see :func:`convolutional_predictions`), ``settings``, ``timings``,
         ``total_seconds`` and the paths ``report`` and ``plot``.
     """
@@ -752,9 +1033,12 @@ def run_demo(
         isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w > 0 for w in widths
     ):
         raise ValueError(f"widths must be positive integers, got {widths!r}")
-    widths = tuple(int(w) for w in widths)
+    widths = tuple(dict.fromkeys(int(w) for w in widths))  # each width once, in order
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(seeds, (int, np.integer)) or isinstance(seeds, bool) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    seeds = int(seeds)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     for value, name in ((cnn_n_train, "cnn_n_train"), (cnn_n_test, "cnn_n_test")):
@@ -773,23 +1057,22 @@ def run_demo(
     cnn = convolutional_predictions(data, cnn_n_train, cnn_n_test, progress=progress)
     timings["CNN-GAP posteriors"] = cnn["seconds"]
 
-    twins: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     for width in widths:
-        twin = train_twin(width, data, infinite, steps, seed=seed, dtype=dtype,
-                          progress=progress)
-        timings[f"train width {width}"] = twin["seconds"]
-        previous = twins[-1] if twins else None
-        twin["local_slope"] = (
-            None if previous is None or previous["width"] == width
-            else fit_slope([previous["width"], width], [previous["distance"], twin["distance"]])
-        )
-        twins.append(twin)
+        for replicate in range(seeds):
+            runs.append(train_twin(width, data, infinite, steps, seed=seed, dtype=dtype,
+                                   progress=progress, replicate=replicate))
+    twins = summarize_twins(runs)
+    for twin in twins:
+        timings[f"train width {twin['width']} ({twin['seeds']} networks)"] = twin["seconds"]
+    slopes = per_seed_slopes(runs)
 
     results: dict[str, Any] = {
         "settings": {
             "widths": widths,
             "steps": steps,
             "seed": seed,
+            "seeds": seeds,
             "n_train": len(data.labels_train),
             "n_test": len(data.labels_test),
             "dtype": str(dtype).replace("torch.", ""),
@@ -810,10 +1093,13 @@ def run_demo(
         "learning_rate": infinite["learning_rate"],
         "lambda_max": infinite["lambda_max"],
         "lambda_min": infinite["lambda_min"],
+        "runs": runs,
         "twins": twins,
         "cnn": cnn,
         "nngp_diag": infinite["nngp_diag"],
-        "slope": fit_slope(widths, [t["distance"] for t in twins]),
+        "slope": fit_slope([t["width"] for t in twins], [t["distance"] for t in twins]),
+        "slope_per_seed": slopes,
+        "slope_std": mean_and_std(slopes)[1] if len(slopes) > 1 else None,
         "timings": timings,
     }
 

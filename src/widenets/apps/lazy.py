@@ -225,10 +225,10 @@ def log_log_slope(widths: Sequence[int], values: Sequence[float]) -> float | Non
     """
     if len(set(widths)) < 2:
         return None
-    values = np.asarray(values, dtype=float)
-    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+    array = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(array)) or np.any(array <= 0):
         return None
-    slope, _ = np.polyfit(np.log(np.asarray(widths, dtype=float)), np.log(values), 1)
+    slope, _ = np.polyfit(np.log(np.asarray(widths, dtype=float)), np.log(array), 1)
     return float(slope)
 
 
@@ -332,7 +332,8 @@ def lazy_training(
     r"""Train finite twins of ``net`` of several widths and measure how lazily they train.
 
     For each hidden width ``n`` in ``widths``, the twin ``model`` of ``net`` with hidden
-    width ``n`` (see :func:`with_hidden_width`) is built with parameters drawn from a
+    width ``n`` (see :func:`~widenets.architectures.with_hidden_width`) is built with
+    parameters drawn from a
     ``torch.Generator`` seeded by ``np.random.SeedSequence([seed, n])``, and its
     linearization ``model_lin = wn.linearize(model)``,
     ``f_lin(x; w) = f(x; w_0) + J(x; w_0)(w - w_0)``, is made at initialization. Both
@@ -363,7 +364,7 @@ def lazy_training(
     hidden-to-hidden layers, whose ``n^2`` weights make ``||w_0|| ~ n``; the relative NTK
     change at least like ``n^-1/2`` (the bound of Lee et al. 2019), in practice faster:
     ``n^-1`` for smooth activations, about ``n^-0.8`` with ReLU. See the measured numbers
-    in :mod:`widenets.experiments`.
+    in ``widenets.experiments``.
 
     Args:
         net: the architecture (a :class:`~widenets.Layer`): the twins replace the width
@@ -440,7 +441,7 @@ def lazy_training(
     records = []
     for width in widths:
         description = descriptions[width]
-        limit = k_inf if same_limit else description.kernel(x_ntk, get="ntk")
+        limit = description.kernel(x_ntk, get="ntk") if k_inf is None else k_inf
         records.append(_train_width(description, width, xt, yt, x_ntk, limit, steps,
                                     learning_rate, recorded, int(seed), dtype, progress))
     result = LazyTrainingResult(

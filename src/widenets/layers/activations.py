@@ -24,7 +24,7 @@ from ..inputs import check_positive_int, check_scale
 from ..kernel import Kernel, batch_diagonal
 from ..paths import fast_paths_enabled
 from ..requirements import Needs
-from .base import KernelState, Layer, Shape
+from .base import KernelState, Layer, Shape, single_kernel
 
 Tensor = torch.Tensor
 
@@ -39,12 +39,16 @@ class Activation(Layer):
     """
 
     def apply(self, x: Tensor) -> Tensor:
+        """The finite forward: ``phi(x)`` elementwise."""
         raise NotImplementedError
 
     def nngp_map(self, q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor) -> Tensor:
+        """``E[phi(u) phi(v)]`` for centred Gaussian ``(u, v)`` with variances ``q1``,
+        ``q2``, covariance ``c`` and correlation ``rho``."""
         raise NotImplementedError
 
     def derivative_map(self, q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor) -> Tensor:
+        """``E[phi'(u) phi'(v)]`` for the same ``(u, v)`` (the NTK's factor)."""
         raise NotImplementedError
 
     def pair_maps(
@@ -67,6 +71,7 @@ class Activation(Layer):
     )
 
     def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
         var1, self_rho = self._self_map(k, k.var1)
         var2 = None if k.var2 is None else self._self_map(k, k.var2)[0]
         q1, q2 = k.pair_variances()
@@ -131,10 +136,11 @@ def fast_correlation(
         low, high = torch.aminmax(rho)
         if bool((1.0 - high <= tolerance) | (1.0 + low <= tolerance)):
             rho, c = gaussian.snap_to_unit(q1, q2, c, rho)
-    if known is not None and isinstance(known_rho, float):
-        known(rho).fill_(known_rho)
-    elif known is not None:
-        known(rho).copy_(known_rho)
+    if known is not None:
+        if isinstance(known_rho, float):
+            known(rho).fill_(known_rho)
+        else:
+            known(rho).copy_(known_rho)
     return rho, c
 
 
@@ -431,7 +437,7 @@ class Elementwise(Activation):
         degree: quadrature points per dimension (``degree^2`` evaluations per entry);
             ``None`` chooses it for each entry from its larger pre-activation variance
             ``q``: ``80 * sqrt(max(q, 1))`` rounded up to a multiple of
-            :data:`DEGREE_STEP` and capped at 256, because a function of ``sqrt(q) z``
+            ``DEGREE_STEP`` (16) and capped at 256, because a function of ``sqrt(q) z``
             varies faster as ``q`` grows. Per entry, so that an entry does not depend on
             which other inputs share its call (the batch, the tile).
 

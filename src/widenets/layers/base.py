@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Union, overload
+from typing import Union, cast, overload
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from ..specs import (
     spec_key,
 )
 
-#: The state between layers: one kernel, or one per branch after ``FanOut``.
+#: The state between layers (one kernel, or one per branch after ``FanOut``).
 KernelState = Union[Kernel, tuple["KernelState", ...]]
 #: A per-example shape, or a list of them (one per branch) after ``FanOut``.
 Shape = Union[tuple[int, ...], list["Shape"]]
@@ -35,7 +35,7 @@ class Layer:
     same parameterization), side by side.
     """
 
-    #: What this layer needs of its input (checked by :meth:`transform` before
+    #: What this layer needs of its input (checked by :meth:`~widenets.Layer.transform` before
     #: :meth:`kernel_rule` runs) and of the whole computation (the full spatial
     #: covariance): see :mod:`widenets.requirements`.
     needs: Needs = Needs()
@@ -220,7 +220,7 @@ class Layer:
         spec = self.spec()
         if any(layer.uses_declared_widths() for layer in self.walk()):
             return spec
-        return _without_widths(spec)
+        return cast(dict, _without_widths(spec))  # a layer's spec maps to a dict
 
     def walk(self) -> list[Layer]:
         """This layer and all its sublayers, depth first."""
@@ -244,7 +244,7 @@ class Layer:
         parts = []
         for name, value in self.spec_arguments().items():
             if parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
-                parts += [repr(v) for v in value]
+                parts += [repr(v) for v in cast(tuple, value)]  # a *layers argument
             else:
                 parts.append(f"{name}={_value_repr(value)}")
         return f"{type(self).__name__}({', '.join(parts)})"
@@ -257,7 +257,7 @@ def _without_widths(spec: object) -> object:
     if not (isinstance(spec, dict) and set(spec) == {"layer", "args"}):
         return spec
     cls = layer_type(spec["layer"])
-    width = None if cls is None else cls.width_argument
+    width = None if cls is None else cast("type[Layer]", cls).width_argument  # registered
     return {"layer": spec["layer"],
             "args": {k: _without_widths(v) for k, v in spec["args"].items() if k != width}}
 
@@ -278,6 +278,26 @@ def standard_normal(
 ) -> torch.Tensor:
     """Standard normal draws in float64 on the CPU (the twin is cast afterwards)."""
     return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def single_kernel(k: KernelState, layer: Layer) -> Kernel:
+    """``k`` as one kernel, or the error of :func:`single_shape` for parallel branches
+    (``Layer.transform`` has checked this already for a layer whose ``needs.input`` is
+    ``"single"``)."""
+    if not isinstance(k, Kernel):
+        raise ValueError(
+            f"{type(layer).__name__} got {len(k)} parallel branches; use Parallel to apply "
+            "layers per branch, or a FanIn layer to merge them"
+        )
+    return k
+
+
+def branch_states(k: KernelState, layer: Layer) -> tuple[KernelState, ...]:
+    """``k`` as parallel branches, or the error of ``Layer.transform`` for one kernel
+    (checked there already for a layer whose ``needs.input`` is ``"branches"``)."""
+    if isinstance(k, Kernel):
+        raise ValueError(f"{type(layer).__name__} needs parallel branches: use FanOut first")
+    return k
 
 
 def single_shape(shape: Shape, layer: Layer) -> tuple[int, ...]:

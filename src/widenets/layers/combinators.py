@@ -10,6 +10,8 @@ determine, rather than return a wrong number.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -17,7 +19,7 @@ from ..inputs import check_positive_int
 from ..kernel import Kernel
 from ..requirements import Needs
 from .activations import Identity
-from .base import KernelState, Layer, Shape, single_shape
+from .base import KernelState, Layer, Shape, branch_states, single_shape
 
 
 def _check_layers(layers: tuple[object, ...], owner: str) -> tuple[Layer, ...]:
@@ -26,7 +28,7 @@ def _check_layers(layers: tuple[object, ...], owner: str) -> tuple[Layer, ...]:
             raise TypeError(
                 f"{owner} takes widenets layers, got {type(layer).__name__} at position {i}"
             )
-    return layers
+    return cast("tuple[Layer, ...]", layers)  # checked above
 
 
 class Sequential(Layer):
@@ -84,6 +86,7 @@ class Parallel(Layer):
             )
 
     def kernel_rule(self, k: KernelState) -> KernelState:
+        k = branch_states(k, self)
         self._check_branches(len(k))
         return tuple(layer.transform(branch) for layer, branch in zip(self.layers, k))
 
@@ -130,16 +133,24 @@ class FanOutModule(nn.Module):
         return (x,) * self.n
 
 
-def _branches(k: KernelState, layer: Layer) -> tuple[Kernel, ...]:
+def _branches(state: KernelState, layer: Layer) -> tuple[Kernel, ...]:
+    k = branch_states(state, layer)
     for branch in k:
         if not isinstance(branch, Kernel):
             raise ValueError(f"{type(layer).__name__} got nested branches; merge them first")
-    layouts = [branch.layout.sizes for branch in k]
+    branches = cast("tuple[Kernel, ...]", k)  # checked above
+    layouts = [branch.layout.sizes for branch in branches]
     if len(set(layouts)) != 1:
         raise ValueError(
             f"{type(layer).__name__} got branches of different spatial sizes {layouts}"
         )
-    return k
+    return branches
+
+
+def _ntks(branches: tuple[Kernel, ...]) -> list[torch.Tensor]:
+    """The branches' NTKs, when the first has one: then all have (the branches come from
+    one kernel, computed with or without its NTK)."""
+    return [cast(torch.Tensor, b.ntk) for b in branches]
 
 
 def _branch_shapes(shape: Shape, layer: Layer, same: bool) -> list[tuple[int, ...]]:
@@ -195,7 +206,7 @@ class FanInSum(Layer):
     def kernel_rule(self, k: KernelState) -> KernelState:
         branches = _branches(k, self)
         _check_equal_widths(branches, self)
-        ntk = None if branches[0].ntk is None else sum(b.ntk for b in branches)
+        ntk = None if branches[0].ntk is None else sum(_ntks(branches))
         return _merge(branches, sum, ntk, is_gaussian=all(b.is_gaussian for b in branches))
 
     def build_module(
@@ -216,8 +227,9 @@ class FanInProd(Layer):
         _check_equal_widths(branches, self)
         ntk = None
         if branches[0].ntk is not None:
+            ntks = _ntks(branches)
             ntk = sum(
-                _product([b.ntk if j == i else b.nngp for j, b in enumerate(branches)])
+                _product([ntks[j] if j == i else b.nngp for j, b in enumerate(branches)])
                 for i in range(len(branches))
             )
         return _merge(branches, _product, ntk, is_gaussian=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch import nn
 
 from ..kernel import Layout
 from ..spatial import PADDINGS, AxisPadding, pad_images, padded_window_mean, padding
-from .base import KernelState, Layer, Shape, single_shape
+from .base import KernelState, Shape, single_kernel, single_shape
 from .dense import WeightedLayer, WeightedModule
 
 
@@ -35,7 +36,16 @@ def check_padding(value: object) -> str:
     return value
 
 
-def window_paddings(layer: Layer, sizes: tuple[int, ...]) -> list[AxisPadding]:
+class Windowed(Protocol):
+    """A layer that slides a window over the positions: a convolution or a pooling."""
+
+    ndim: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str
+
+
+def window_paddings(layer: Windowed, sizes: tuple[int, ...]) -> list[AxisPadding]:
     """The padding of each spatial axis of inputs of ``sizes`` for a windowed layer (a
     convolution or a pooling: its ``ndim``, ``kernel_size``, ``stride`` and ``padding``),
     after checking the number of spatial axes."""
@@ -55,7 +65,7 @@ class Conv(WeightedLayer):
 
     Inputs ``(N, C, *sizes)``; weights ``(channels, C, *kernel_size)``;
     ``fan_in = C * prod(kernel_size)``. ``padding`` is ``"valid"``, ``"same"`` or
-    ``"circular"`` (see :mod:`widenets.spatial`).
+    ``"circular"`` (see ``widenets.spatial``).
 
     Kernel rule (Novak et al. 2019, "Bayesian deep convolutional networks with many
     channels are Gaussian processes"; Arora et al. 2019, "On exact computation with an
@@ -63,7 +73,8 @@ class Conv(WeightedLayer):
     ``s i + o`` for the filter offsets ``o``, and the same weights serve every
     position, so for two images the input kernel averaged over one unit's inputs is
     ``A[i, i'] = mean_o K[s i + o, s i' + o]`` (padded positions are zeros, or wrapped
-    around), and then :class:`WeightedLayer`'s rule applies. The mean is separable over
+    around), and then :class:`~widenets.layers.dense.WeightedLayer`'s rule applies. The
+    mean is separable over
     the spatial axes and maps the diagonal ``i = i'`` to itself, so the diagonal layout
     needs only the diagonal.
     """
@@ -86,6 +97,7 @@ class Conv(WeightedLayer):
         self.padding = check_padding(padding)
 
     def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
         pads = window_paddings(self, k.layout.sizes)
 
         def filter_mean(moment: torch.Tensor) -> torch.Tensor:
@@ -116,19 +128,19 @@ class Conv(WeightedLayer):
 
 
 class Conv1d(Conv):
-    """A 1-D convolution, inputs ``(N, C, L)``: see :class:`Conv`."""
+    """A 1-D convolution, inputs ``(N, C, L)``: see :class:`~widenets.layers.conv.Conv`."""
 
     ndim = 1
 
 
 class Conv2d(Conv):
-    """A 2-D convolution, inputs ``(N, C, H, W)``: see :class:`Conv`."""
+    """A 2-D convolution, inputs ``(N, C, H, W)``: see :class:`~widenets.layers.conv.Conv`."""
 
     ndim = 2
 
 
 class Conv3d(Conv):
-    """A 3-D convolution, inputs ``(N, C, D, H, W)``: see :class:`Conv`."""
+    """A 3-D convolution, inputs ``(N, C, D, H, W)``: see :class:`~widenets.layers.conv.Conv`."""
 
     ndim = 3
 
@@ -137,7 +149,7 @@ _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class FiniteConv(WeightedModule):
-    """The finite twin of :class:`Conv`, padding as its kernel rule does."""
+    """The finite twin of :class:`~widenets.layers.conv.Conv`, padding as its kernel rule does."""
 
     def __init__(self, layer: Conv, in_channels: int, generator: torch.Generator | None) -> None:
         fan_in = in_channels * math.prod(layer.kernel_size)

@@ -10,7 +10,7 @@ from torch import nn
 from ..inputs import check_positive_int, check_scale
 from ..kernel import Kernel
 from ..requirements import WeightIdentity
-from .base import KernelState, Layer, Shape, single_shape, standard_normal
+from .base import KernelState, Layer, Shape, single_kernel, single_shape, standard_normal
 
 PARAMETERIZATIONS = ("ntk", "standard")
 
@@ -84,11 +84,13 @@ class WeightedLayer(Layer):
 class Linear(WeightedLayer):
     r"""A fully connected layer of ``width`` outputs on ``(N, features)`` representations.
 
-    Kernel rule: :class:`WeightedLayer` with ``fan_in`` the input width. Images need
+    Kernel rule: :class:`~widenets.layers.dense.WeightedLayer` with ``fan_in`` the input
+    width. Images need
     ``Flatten()`` or ``GlobalAvgPool()`` first (or a convolution with ``kernel_size=1``).
     """
 
     def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
         if k.layout.sizes:
             raise ValueError(_SPATIAL_INPUT_MESSAGE.format(len(k.layout.sizes)))
         return self.affine_rule(k, fan_in=k.width)
@@ -111,7 +113,8 @@ _SPATIAL_INPUT_MESSAGE = (
 
 
 class WeightedModule(nn.Module):
-    """Finite weights and bias of a :class:`WeightedLayer`, in its parameterization.
+    """Finite weights and bias of a :class:`~widenets.layers.dense.WeightedLayer`, in its
+    parameterization.
 
     ``weight`` has shape ``weight_shape`` and ``fan_in`` inputs per unit; the forward
     uses ``weight_scale * weight`` and ``bias_scale * bias``.
@@ -134,13 +137,15 @@ class WeightedModule(nn.Module):
             self.weight_scale, self.bias_scale = W_std / math.sqrt(fan_in), b_std
         else:
             weight *= W_std / math.sqrt(fan_in)
-            bias = None if bias is None else bias * b_std
+            bias = None if bias is None or b_std is None else bias * b_std
             self.weight_scale, self.bias_scale = 1.0, 1.0
         self.weight = nn.Parameter(weight)
         self.bias = None if bias is None else nn.Parameter(bias)
 
     def scaled_bias(self) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias_scale * self.bias
+        if self.bias is None or self.bias_scale is None:  # a bias has a scale
+            return None
+        return self.bias_scale * self.bias
 
 
 class FiniteLinear(WeightedModule):

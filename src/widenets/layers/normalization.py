@@ -8,7 +8,7 @@ from torch import nn
 from ..inputs import check_nonnegative
 from ..kernel import batch_diagonal
 from ..requirements import Needs
-from .base import KernelState, Layer, Shape, single_shape
+from .base import KernelState, Layer, Shape, single_kernel, single_shape
 
 
 class LayerNorm(Layer):
@@ -38,6 +38,7 @@ class LayerNorm(Layer):
     )
 
     def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
         positions = k.layout.positions
         scale1 = _inverse_std(positions(k.var1), self.eps)
         scale2 = None if k.var2 is None else _inverse_std(positions(k.var2), self.eps)
@@ -55,7 +56,7 @@ class LayerNorm(Layer):
             nngp=nngp,
             ntk=None if k.ntk is None else k.ntk * outer,
             var1=var1,
-            var2=None if scale2 is None else self_normalised(k.var2, scale2),
+            var2=None if k.var2 is None or scale2 is None else self_normalised(k.var2, scale2),
         )
 
     def build_module(

@@ -18,7 +18,7 @@ from torch import nn
 from ..kernel import DENSE, Layout
 from ..requirements import Needs
 from ..spatial import pad_images, padded_window_mean
-from .base import KernelState, Layer, Shape, single_shape
+from .base import KernelState, Layer, Shape, single_kernel, single_shape
 from .conv import check_padding, check_window, window_paddings
 
 
@@ -47,6 +47,7 @@ class AvgPool(Layer):
         self.padding = check_padding(padding)
 
     def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
         pads = window_paddings(self, k.layout.sizes)
 
         def pool(moment: torch.Tensor) -> torch.Tensor:
@@ -67,19 +68,20 @@ class AvgPool(Layer):
 
 
 class AvgPool1d(AvgPool):
-    """Average pooling of ``(N, C, L)`` inputs: see :class:`AvgPool`."""
+    """Average pooling of ``(N, C, L)`` inputs: see :class:`~widenets.layers.pooling.AvgPool`."""
 
     ndim = 1
 
 
 class AvgPool2d(AvgPool):
-    """Average pooling of ``(N, C, H, W)`` inputs: see :class:`AvgPool`."""
+    """Average pooling of ``(N, C, H, W)`` inputs: see :class:`~widenets.layers.pooling.AvgPool`."""
 
     ndim = 2
 
 
 class AvgPool3d(AvgPool):
-    """Average pooling of ``(N, C, D, H, W)`` inputs: see :class:`AvgPool`."""
+    """Average pooling of ``(N, C, D, H, W)`` inputs: see
+    :class:`~widenets.layers.pooling.AvgPool`."""
 
     ndim = 3
 
@@ -88,7 +90,8 @@ _POOLINGS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 class FiniteAvgPool(nn.Module):
-    """The finite twin of :class:`AvgPool`, padding as its kernel rule does."""
+    """The finite twin of :class:`~widenets.layers.pooling.AvgPool`, padding as its kernel
+    rule does."""
 
     def __init__(self, layer: AvgPool) -> None:
         super().__init__()
@@ -120,6 +123,7 @@ class GlobalAvgPool(Layer):
     needs = Needs(full_covariance=True)
 
     def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
         _check_spatial(len(k.layout.sizes), self)
         axes = tuple(range(-k.layout.ndim, 0))
         return k.map_linear(lambda m: m.mean(dim=axes)).replace(layout=DENSE)
@@ -149,6 +153,7 @@ class Flatten(Layer):
     """
 
     def kernel_rule(self, k: KernelState) -> KernelState:
+        k = single_kernel(k, self)
         if not k.layout.sizes:
             return k
         layout = k.layout

@@ -8,8 +8,8 @@ flow with rate ``learning_rate``, so the outputs on the training set obey
 evolve as linear models under gradient descent"). Linear algebra is done in float64 and
 factorisations are computed once per training set.
 
-Modules: :mod:`.posterior` (the GP posterior), :mod:`.mse` (MSE training in closed
-form), :mod:`.ode` (any loss, momentum: ODEs in function space) and :mod:`.common` (the
+Modules: ``posterior`` (the GP posterior), ``mse`` (MSE training in closed
+form), ``ode`` (any loss, momentum: ODEs in function space) and ``common`` (the
 pieces they share).
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ Tensor = torch.Tensor
 def as_targets(y: object, n: int) -> tuple[Tensor, bool]:
     """Targets ``(N,)`` or ``(N, outputs)`` (a tensor, an array or a list) as ``(N, outputs)``,
     and whether they were a vector."""
+    t: Tensor | np.ndarray
     if isinstance(y, torch.Tensor):
         t = y
     elif isinstance(y, (str, bytes)) or not isinstance(y, (np.ndarray, np.generic, Sequence)):
@@ -71,6 +73,8 @@ class TrainingKernels:
     kernels are computed once and kept."""
 
     def __init__(self, net_or_kernels: object) -> None:
+        self.net: Layer | None
+        self.kernel_fn: Callable[..., object] | None
         if isinstance(net_or_kernels, Layer):
             self.net, self.kernel_fn = net_or_kernels, None
         elif callable(net_or_kernels):
@@ -86,9 +90,11 @@ class TrainingKernels:
         n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
         if self.net is not None:
             kernels = self.net.kernel(x1, x2, get=names)
-            values = {name: kernels[name] for name in names}
+            values = {name: cast(Tensor, kernels[name]) for name in names}  # all asked for
         else:
-            values = {name: torch.as_tensor(self.kernel_fn(x1, x2, name)) for name in names}
+            kernel_fn = self.kernel_fn
+            assert kernel_fn is not None  # set by __init__ when net is not
+            values = {name: torch.as_tensor(kernel_fn(x1, x2, name)) for name in names}
         for name, value in values.items():
             if tuple(value.shape) != (n1, n2):
                 raise ValueError(
@@ -212,7 +218,7 @@ def spectral_filters(
     return decay, gain
 
 
-def as_times(t: float | Tensor | None) -> tuple[Tensor, bool]:
+def as_times(t: object) -> tuple[Tensor, bool]:
     """Times as a 1-D float64 tensor, and whether ``t`` was a single number (a Python or
     NumPy number, or a 0-D array or tensor); ``None`` is ``t = inf``."""
     if t is None:

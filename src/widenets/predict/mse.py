@@ -147,7 +147,7 @@ def gradient_descent_mse(
         k_test_train: object | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         times, scalar_time = as_times(t)
-        f0 = as_initial(fx_train_0, y.shape, "fx_train_0").to(k.device)
+        f0 = as_initial(fx_train_0, (y.shape[0], y.shape[1]), "fx_train_0").to(k.device)
         residual = eigenvectors.T @ (f0 - y)
         decay, gain = spectral_filters(eigenvalues, lr, times.to(k.device), discrete)
         fx_train = y + torch.einsum("nk,tk,ko->tno", eigenvectors, decay, residual)

@@ -81,7 +81,7 @@ class _Loss:
         self.y_np = y.numpy()
         self.kind = loss_fn if isinstance(loss_fn, str) else "callable"
         self.checked = False
-        if self.kind == "callable":
+        if not isinstance(loss_fn, str):  # self.kind == "callable"
             def scalar(u: Tensor) -> Tensor:
                 if is_vector:
                     return loss_fn(u[:, 0], y[:, 0])
