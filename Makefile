@@ -7,24 +7,29 @@ STAMP := $(VENV)/.installed
 PEER_VENV := .venv-peer
 PEER_STAMP := $(PEER_VENV)/.installed
 
-.PHONY: demo test lint bench bench-peer gpu-check clean
+.PHONY: demo test lint docs bench bench-peer gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -c constraints.txt -e '.[all,dev]'
+	$(VPY) -m pip install --quiet -c constraints.txt -e '.[all,dev,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/widenets demo --out demo-output
 
 test: $(STAMP)
-	$(VPY) -m ruff check --no-cache src tests benchmarks
+	$(VPY) -m ruff check --no-cache src tests benchmarks examples docs/conf.py
 	$(VPY) -m mypy
 	$(VPY) -m pytest -q
 
 lint: $(STAMP)
-	$(VPY) -m ruff check --no-cache src tests benchmarks
+	$(VPY) -m ruff check --no-cache src tests benchmarks examples docs/conf.py
+
+# The documentation site, warnings as errors (-W) and every reference checked (-n):
+# open docs/_build/html/index.html.
+docs: $(STAMP)
+	$(VPY) -m sphinx -b html -W --keep-going -n docs docs/_build/html
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_speed.py --float32
@@ -63,4 +68,4 @@ bench-peer: $(STAMP) $(PEER_STAMP)
 	$(VPY) benchmarks/bench_peer.py --peer-python $(PEER_VENV)/bin/python
 
 clean:
-	rm -rf $(VENV) $(PEER_VENV) demo-output
+	rm -rf $(VENV) $(PEER_VENV) demo-output docs/_build

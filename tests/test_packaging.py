@@ -2,7 +2,8 @@
 
 The wheel must hold every module of ``src/widenets`` (subpackages included) and no tests,
 with metadata naming the version and ``torch>=2.3``; the sdist must hold the sources,
-README.md, CHANGELOG.md, the licence file if there is one, and the whole test suite. The
+README.md, CHANGELOG.md, the licence file if there is one, the whole test suite and the
+documentation and examples it runs. The
 build must print no deprecation warning. Installing the wheel into a fresh environment is
 left out (it would download or unpack torch); the archives are checked instead.
 """
@@ -151,12 +152,47 @@ def test_sdist_holds_sources_docs_and_tests(dists: dict[str, object]) -> None:
     expected = {f"src/{f}" for f in package_files()}
     expected |= {"README.md", "CHANGELOG.md", "pyproject.toml", "PKG-INFO"}
     expected |= {p.name for p in ROOT.glob("LICEN[CS]E*")}
-    # The whole test suite with its data, so that it runs from the unpacked sdist.
+    # The whole test suite with its data, and the documentation and examples it runs.
     expected |= {
         p.relative_to(ROOT).as_posix()
-        for p in (ROOT / "tests").rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+        for folder in ("tests", "docs", "examples")
+        for p in (ROOT / folder).rglob("*")
+        if p.is_file() and not {"__pycache__", "_build"} & set(p.parts)
+        and p.suffix not in (".pyc", ".pyo")
     }
     missing = sorted(expected - names)
     assert not missing, missing
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".pyo"))]
+
+
+def test_readme_quickstart_runs_from_the_wheel_in_a_fresh_environment(
+    dists: dict[str, object], tmp_path: Path
+) -> None:
+    """The README's quickstart, as written, in a new virtual environment that holds only
+    the built wheel, run from an empty folder: widenets comes from the wheel, not from
+    this checkout. Its dependencies (torch, numpy, scipy, tqdm) are borrowed from this
+    environment through a path file rather than downloaded (no network in the tests)."""
+    import re
+    import site
+    import sysconfig
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    quickstart = tmp_path / "quickstart.py"
+    quickstart.write_text(blocks[0] + "\nimport widenets\nprint('FROM', widenets.__file__)\n")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    str(dists["wheel"])], check=True, timeout=300)
+    fresh_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    borrowed = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    (Path(fresh_site) / "borrowed_dependencies.pth").write_text("\n".join(sorted(borrowed)))
+    run = subprocess.run([str(python), str(quickstart)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    origin = run.stdout.split("FROM", 1)[1].strip()
+    assert Path(origin).resolve().is_relative_to(venv.resolve()), origin
+    assert "test predictions" in run.stdout
