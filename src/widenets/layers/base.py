@@ -156,9 +156,10 @@ class Layer:
         Args:
             input_shape: the per-example input shape, e.g. ``(d,)``.
             generator: a CPU ``torch.Generator`` for reproducible sampling.
-            dtype, device: of the parameters (default: torch's default dtype, CPU).
-                Parameters are drawn in float64 on the CPU and then cast, so the same
-                generator state gives the same network on every device.
+            dtype: of the parameters (default: torch's default dtype).
+            device: of the parameters (default: the CPU). Parameters are drawn in
+                float64 on the CPU and then cast and moved, so the same generator state
+                gives the same network in every dtype and on every device.
         """
         if isinstance(input_shape, int):
             input_shape = (input_shape,)
