@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .heap import keep_freed_temporaries
 from .inputs import COMPUTE_DTYPES, all_finite, as_input_pair, parse_get
 from .kernel import Kernel, Kernels, Layout
+from .paths import straightforward
 from .requirements import network_needs
 from .tiling import plan_tiles
 
@@ -111,6 +112,33 @@ def compute_kernels(
             "x1 must be (N, features), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got "
             f"shape {tuple(t1.shape)}"
         )
+    if tracks_gradients(net, t1, t2):
+        # the fast paths overwrite intermediate results in place, which autograd forbids
+        with straightforward():
+            return compute_kernel_tiles(net, t1, t2, get, names, spatial, progress)
+    return compute_kernel_tiles(net, t1, t2, get, names, spatial, progress)
+
+
+def tracks_gradients(net: Any, x1: object, x2: object) -> bool:
+    """Whether autograd records the kernel of ``net`` on ``x1``, ``x2``: gradients are
+    enabled and an input tensor, or a hyperparameter given as a tensor, requires them."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(isinstance(x, torch.Tensor) and x.requires_grad for x in (x1, x2)):
+        return True
+    return any(value.requires_grad for value in net.hyperparameters().values())
+
+
+def compute_kernel_tiles(
+    net: Any,
+    t1: torch.Tensor,
+    t2: torch.Tensor | None,
+    get: str | Sequence[str],
+    names: tuple[str, ...],
+    spatial: str,
+    progress: bool | None,
+) -> torch.Tensor | Kernels:
+    """The kernels of checked inputs, tile by tile (see :func:`compute_kernels`)."""
     paired = spatial_layout(net, spatial, t1)
     layout = Layout(tuple(t1.shape[2:]), paired)
     second = t1 if t2 is None else t2

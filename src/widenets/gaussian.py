@@ -19,6 +19,12 @@ import torch
 Tensor = torch.Tensor
 
 
+def records_gradients(*tensors: Tensor) -> bool:
+    """Whether autograd records operations on these tensors (then the maps avoid the
+    in-place updates that save memory and time otherwise)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def inverse_sqrt(q: Tensor) -> Tensor:
     """``1 / sqrt(q)``, and 0 where the variance ``q`` is 0 (the correlation is then 0)."""
     return torch.where(q > 0, torch.rsqrt(q), torch.zeros_like(q))
@@ -187,8 +193,11 @@ def _scaled_determinant(
     u1, u2 = sq1 / m1, sq2 / m2  # s q_i / m_i, in [0, 1]
     v1, v2 = 1.0 / m1, 1.0 / m2  # 1 / m_i, in (0, 1]
     one = torch.ones((), dtype=rho.dtype, device=rho.device)
-    scaled = torch.addcmul(one, rho, rho, value=-1.0).mul_(u1).mul_(u2)
-    scaled.addcmul_(v1, v2 + u2).addcmul_(u1, v2)
+    scaled = torch.addcmul(one, rho, rho, value=-1.0)
+    if records_gradients(scaled, u1, u2, v1, v2):  # the same sum, without in-place updates
+        scaled = scaled * u1 * u2 + v1 * (v2 + u2) + u1 * v2
+    else:
+        scaled.mul_(u1).mul_(u2).addcmul_(v1, v2 + u2).addcmul_(u1, v2)
     return scaled, torch.rsqrt(m1), torch.rsqrt(m2)
 
 
@@ -211,6 +220,11 @@ def erf_maps(
     """
     s = 2 * b * b
     scaled, r1, r2 = _scaled_determinant(s, q1, q2, rho)
+    if records_gradients(scaled, c):  # the same maps, without in-place updates
+        root = scaled.sqrt()
+        moments = torch.atan2(c * (s * r1) * r2, root) * (2 / math.pi)
+        derivative = (2 * s / math.pi) * r1 * r2 / root if with_derivative else None
+        return moments, derivative
     root = scaled.sqrt_()  # sqrt(D) r1 r2
     moments = torch.mul(c, s * r1).mul_(r2).atan2_(root).mul_(2 / math.pi)
     if not with_derivative:
@@ -269,7 +283,7 @@ def gelu_maps(
     all arguments; the results are fresh tensors.
     """
     scaled, r1, r2 = _scaled_determinant(1.0, q1, q2, rho)
-    root = scaled.sqrt_().div_(r1).div_(r2)  # sqrt(D)
+    root = scaled.sqrt() / r1 / r2  # sqrt(D)
     angle = torch.atan2(c, root)
     p1, p2 = 1.0 / (1.0 + q1), 1.0 / (1.0 + q2)
     c_over_root = c / root

@@ -219,6 +219,30 @@ def check_finite_number(value: object, name: str) -> float:
 MAX_SCALE = 1e150
 
 
+def check_hyperparameter(
+    value: object, name: str, nonnegative: bool = False
+) -> float | torch.Tensor:
+    """A scale parameter that kernels may be differentiated by: a number (returned as a
+    float, as :func:`check_scale`) or a 0-d floating tensor, ``nn.Parameter`` included
+    (returned as it is, so that gradients flow to it; its value is checked as a number's
+    is). Anything else, a tensor of another shape or dtype among them, is a ``TypeError``."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or not value.is_floating_point() or value.is_complex():
+            raise TypeError(
+                f"{name} must be a number or a 0-d floating tensor, got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
+        check_scale(float(value.detach()), name, nonnegative)
+        return value
+    return check_scale(value, name, nonnegative)
+
+
+def scale_value(value: float | torch.Tensor | None) -> float | None:
+    """The number a hyperparameter holds (a tensor's value, detached): for finite twins,
+    which are sampled with plain numbers."""
+    return None if value is None else float(value)
+
+
 def check_scale(value: object, name: str, nonnegative: bool = False) -> float:
     """Return ``value`` as a float, raising unless it is a finite real number (``>= 0`` if
     ``nonnegative``) of magnitude at most :data:`MAX_SCALE`."""

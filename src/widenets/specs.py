@@ -24,6 +24,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 #: Layer classes by spec name (filled when a subclass of ``widenets.Layer`` is defined).
 _LAYER_TYPES: dict[str, type] = {}
 
@@ -103,6 +105,9 @@ def canonical(value: object, strict: bool = True) -> object:
         if not math.isfinite(value):
             raise NotCanonicalError(f"a spec holds the non-finite number {value}")
         return float(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.is_floating_point():
+        # a hyperparameter given as a tensor (to differentiate by): its value
+        return canonical(float(value.detach()), strict)
     if isinstance(value, (tuple, list)):
         return [canonical(v, strict) for v in value]
     if callable(value):

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .engine import tracks_gradients
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
@@ -411,8 +412,22 @@ def kernel_matrix(
     """
     if client is not None:  # before any store is opened and locked
         require("distributed", "dask", "kernel_matrix(client=...)")
+    if tracks_gradients(net, x1, x2):
+        if store is not None or client is not None:
+            raise ValueError(
+                "kernel_matrix with store= or client= keeps numbers, not gradients, but the "
+                "inputs or a hyperparameter require grad: detach them (or use torch.no_grad()),"
+                " or compute without store and client"
+            )
+        prepare_kernel(net, x1, x2, get, tile, None, memory_limit)  # the same checks
+        kernels = net.kernel(x1, x2, get=get, progress=progress)
+        if isinstance(kernels, torch.Tensor):
+            return kernels.cpu()
+        return Kernels(**{name: cast(torch.Tensor, kernels[name]).cpu()
+                          for name in parse_get(get)})
     job = prepare_kernel(net, x1, x2, get, tile, store, memory_limit)
     return compute_kernel(job, progress, client)
+
 
 
 def load_kernel(path: str | os.PathLike) -> torch.Tensor | Kernels:

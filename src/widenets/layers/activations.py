@@ -81,7 +81,8 @@ class Activation(Layer):
             nngp, ntk = self.pair_maps(q1, q2, c, rho, k.ntk)
         else:  # the straightforward path
             rho, c = gaussian.snapped_correlation(q1, q2, k.nngp)
-            if k.symmetric:
+            if k.symmetric:  # a copy: autograd keeps the correlations that c came from
+                rho = rho.clone()
                 batch_diagonal(rho).copy_(self_rho)
             nngp = self.nngp_map(q1, q2, c, rho).clone()
             ntk = None if k.ntk is None else k.ntk * self.derivative_map(q1, q2, c, rho)
@@ -100,6 +101,7 @@ class Activation(Layer):
             rho, c = fast_correlation(var, q1, q2, k.layout.positions, 1.0)
             return self.pair_maps(q1, q2, c, rho, None)[0], rho
         rho, c = gaussian.snapped_correlation(q1, q2, var)
+        rho = rho.clone()  # as above
         k.layout.positions(rho).fill_(1.0)
         return self.nngp_map(q1, q2, c, rho).clone(), rho
 
@@ -396,6 +398,14 @@ class AutogradDerivative:
         self.fn = fn
 
     def __call__(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the kernel itself is being differentiated: keep the graph (fn's second
+            # derivative enters its gradient)
+            out = self.fn(x)
+            if not out.requires_grad:
+                return torch.zeros_like(x)
+            (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True, allow_unused=True)
+            return torch.zeros_like(x) if grad is None else grad
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             out = self.fn(leaf)

@@ -223,6 +223,19 @@ class Layer:
             return spec
         return cast(dict, _without_widths(spec))  # a layer's spec maps to a dict
 
+    def hyperparameters(self) -> dict[str, torch.Tensor]:
+        """The hyperparameters given as tensors (``W_std=torch.tensor(1.5,
+        requires_grad=True)``, an ``nn.Parameter``), by name: ``"W_std"`` of this layer,
+        ``"2.W_std"`` of a combinator's third part, and so on; for example to hand to a
+        ``torch.optim`` optimiser. Hyperparameters given as numbers are constants and are
+        not listed. A tensor shared by several layers appears under each of their names."""
+        found = {name: value for name, value in self.spec_arguments().items()
+                 if isinstance(value, torch.Tensor)}
+        for index, layer in enumerate(self.sublayers()):
+            for name, value in layer.hyperparameters().items():
+                found[f"{index}.{name}"] = value
+        return found
+
     def walk(self) -> list[Layer]:
         """This layer and all its sublayers, depth first."""
         found = [self]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inputs import scale_value
 from ..kernel import Layout
 from ..spatial import PADDINGS, AxisPadding, pad_images, padded_window_mean, padding
 from .base import KernelState, Shape, single_kernel, single_shape
@@ -87,8 +88,8 @@ class Conv(WeightedLayer):
         kernel_size: int | tuple[int, ...],
         stride: int | tuple[int, ...] = 1,
         padding: str = "valid",
-        W_std: float = 1.0,
-        b_std: float | None = None,
+        W_std: float | torch.Tensor = 1.0,
+        b_std: float | torch.Tensor | None = None,
         parameterization: str = "ntk",
     ) -> None:
         super().__init__(channels, W_std, b_std, parameterization)
@@ -153,8 +154,9 @@ class FiniteConv(WeightedModule):
 
     def __init__(self, layer: Conv, in_channels: int, generator: torch.Generator | None) -> None:
         fan_in = in_channels * math.prod(layer.kernel_size)
-        super().__init__((layer.width, in_channels, *layer.kernel_size), fan_in, layer.W_std,
-                         layer.b_std, layer.parameterization, generator)
+        super().__init__((layer.width, in_channels, *layer.kernel_size), fan_in,
+                         float(layer.W_std), scale_value(layer.b_std), layer.parameterization,
+                         generator)
         self.layer, self.in_channels = layer, in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

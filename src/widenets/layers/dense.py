@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..inputs import check_positive_int, check_scale
+from ..inputs import check_hyperparameter, check_positive_int, scale_value
 from ..kernel import Kernel
 from ..requirements import WeightIdentity
 from .base import KernelState, Layer, Shape, single_kernel, single_shape, standard_normal
@@ -43,14 +43,15 @@ class WeightedLayer(Layer):
     def __init__(
         self,
         width: int,
-        W_std: float = 1.0,
-        b_std: float | None = None,
+        W_std: float | torch.Tensor = 1.0,
+        b_std: float | torch.Tensor | None = None,
         parameterization: str = "ntk",
     ) -> None:
         self.width = check_positive_int(width, "width")
-        self.W_std = check_scale(W_std, "W_std", nonnegative=True)
-        b_std = None if b_std is None else check_scale(b_std, "b_std", nonnegative=True)
-        self.b_std = None if b_std == 0 else b_std
+        self.W_std = check_hyperparameter(W_std, "W_std", nonnegative=True)
+        b_std = None if b_std is None else check_hyperparameter(b_std, "b_std", nonnegative=True)
+        # a plain 0 means no bias; a tensor stays (its gradient is asked for, even at 0)
+        self.b_std = None if isinstance(b_std, float) and b_std == 0 else b_std
         self.parameterization = check_parameterization(parameterization)
 
     width_argument = "width"
@@ -72,7 +73,9 @@ class WeightedLayer(Layer):
         ntk = averaged.ntk
         if ntk is not None:
             if self.parameterization == "ntk":
-                ntk = torch.add(out.nngp, ntk, alpha=w2)
+                # (alpha= takes only a number: a tensor W_std multiplies)
+                ntk = (out.nngp + w2 * ntk if isinstance(w2, torch.Tensor)
+                       else torch.add(out.nngp, ntk, alpha=w2))
             else:
                 ntk = fan_in * averaged.nngp + (1.0 if self.b_std else 0.0) + w2 * ntk
         return out.replace(
@@ -101,7 +104,7 @@ class Linear(WeightedLayer):
         shape = single_shape(input_shape, self)
         if len(shape) != 1:
             raise ValueError(_SPATIAL_INPUT_MESSAGE.format(len(shape) - 1))
-        module = FiniteLinear(shape[0], self.width, self.W_std, self.b_std,
+        module = FiniteLinear(shape[0], self.width, float(self.W_std), scale_value(self.b_std),
                               self.parameterization, generator)
         return module, (self.width,)
 
