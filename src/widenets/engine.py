@@ -126,6 +126,8 @@ def tracks_gradients(net: Any, x1: object, x2: object) -> bool:
         return False
     if any(isinstance(x, torch.Tensor) and x.requires_grad for x in (x1, x2)):
         return True
+    if not callable(getattr(net, "hyperparameters", None)):  # not a layer: refused later
+        return False
     return any(value.requires_grad for value in net.hyperparameters().values())
 
 

@@ -121,6 +121,10 @@ class Kernel:
     is_gaussian: bool
     sources: frozenset
     layout: Layout = DENSE
+    #: The raw inputs ``(x1, x2)`` of a dense computation, for a first layer that weighs
+    #: the input features (``Linear`` with a vector ``W_std`` or ``W_cov``); dropped by
+    #: :meth:`replace`, so that only the state built from the inputs carries them.
+    raw_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -133,7 +137,8 @@ class Kernel:
         return self.var1 if self.var2 is None else self.var2
 
     def replace(self, **changes: Any) -> Kernel:
-        """A copy with some fields changed."""
+        """A copy with some fields changed (without the raw inputs unless given)."""
+        changes.setdefault("raw_inputs", None)
         return dataclasses.replace(self, **changes)
 
     def map_moments(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Kernel:
@@ -223,16 +228,37 @@ class Kernel:
     def _dense_from_inputs(
         cls, x1: torch.Tensor, x2: torch.Tensor | None, with_ntk: bool
     ) -> Kernel:
+        kernel = cls.weighted_inputs(x1, x2, with_ntk)
+        return dataclasses.replace(kernel, raw_inputs=(x1, x2))
+
+    @classmethod
+    def weighted_inputs(
+        cls,
+        x1: torch.Tensor,
+        x2: torch.Tensor | None,
+        with_ntk: bool,
+        metric: torch.Tensor | None = None,
+    ) -> Kernel:
+        """The kernel ``x M x'^T / d`` of vector inputs ``(N, d)``: ``M`` the identity
+        (``metric=None``), ``diag(metric)`` (a vector of ``d`` non-negative weights) or
+        ``metric`` (a symmetric positive semi-definite ``(d, d)`` matrix)."""
         d = x1.shape[1]
         f2 = x1 if x2 is None else x2
-        nngp = x1 @ f2.T / d
-        var1 = (x1 * x1).sum(dim=1) / d
+
+        def weighted(x: torch.Tensor) -> torch.Tensor:
+            if metric is None:
+                return x
+            return x * metric if metric.ndim == 1 else x @ metric
+
+        w1 = weighted(x1)
+        nngp = w1 @ f2.T / d
+        var1 = (w1 * x1).sum(dim=1) / d
         if x2 is None:
             nngp = 0.5 * (nngp + nngp.T)
             nngp.diagonal().copy_(var1)
             var2 = None
         else:
-            var2 = (f2 * f2).sum(dim=1) / d
+            var2 = (weighted(f2) * f2).sum(dim=1) / d
         ntk = torch.zeros_like(nngp) if with_ntk else None
         return cls(nngp, ntk, var1, var2, d, is_gaussian=False, sources=frozenset())
 

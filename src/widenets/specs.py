@@ -105,9 +105,9 @@ def canonical(value: object, strict: bool = True) -> object:
         if not math.isfinite(value):
             raise NotCanonicalError(f"a spec holds the non-finite number {value}")
         return float(value)
-    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.is_floating_point():
-        # a hyperparameter given as a tensor (to differentiate by): its value
-        return canonical(float(value.detach()), strict)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        # a hyperparameter given as a tensor (to differentiate by): its values
+        return canonical(value.detach().cpu().tolist(), strict)
     if isinstance(value, (tuple, list)):
         return [canonical(v, strict) for v in value]
     if callable(value):

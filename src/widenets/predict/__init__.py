@@ -9,11 +9,13 @@ evolve as linear models under gradient descent"). Linear algebra is done in floa
 factorisations are computed once per training set.
 
 Modules: ``posterior`` (the GP posterior), ``mse`` (MSE training in closed
-form), ``ode`` (any loss, momentum: ODEs in function space) and ``common`` (the
+form), ``ode`` (any loss, momentum: ODEs in function space), ``evidence`` (the
+marginal likelihood, to fit hyperparameters) and ``common`` (the
 pieces they share).
 """
 
 from .common import KernelSource
+from .evidence import marginal_log_likelihood
 from .mse import gradient_descent_mse, gradient_descent_mse_ensemble
 from .ode import LOSS_NAMES, gradient_descent, gradient_descent_momentum
 from .posterior import gp_inference
@@ -21,4 +23,5 @@ from .posterior import gp_inference
 __all__ = [
     "KernelSource", "LOSS_NAMES", "gp_inference", "gradient_descent",
     "gradient_descent_momentum", "gradient_descent_mse", "gradient_descent_mse_ensemble",
+    "marginal_log_likelihood",
 ]
