@@ -200,3 +200,32 @@ def test_no_gradient_is_recorded_when_none_is_asked_for():
 def test_bad_hyperparameter_tensors_are_refused(value, error, match):
     with pytest.raises(error, match=match):
         wn.Linear(4, W_std=value)
+
+
+ACTIVATION_HYPERPARAMETERS = {
+    "ABReLU(a, b)": (wn.ABReLU, (-0.3, 1.2)),
+    "LeakyReLU(negative_slope)": (wn.LeakyReLU, (0.2,)),
+    "Erf(a, b, c)": (wn.Erf, (1.1, 0.8, 0.2)),
+    "Sin(a, b, c)": (wn.Sin, (1.1, 0.8, 0.3)),
+    "Cos(a, b, c)": (wn.Cos, (0.9, 1.2, -0.3)),
+    "Rbf(gamma)": (wn.Rbf, (0.7,)),
+}
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+@pytest.mark.parametrize("name", sorted(ACTIVATION_HYPERPARAMETERS))
+def test_gradcheck_activation_hyperparameters(name, get):
+    make, values = ACTIVATION_HYPERPARAMETERS[name]
+    x1, x2 = normal(4, 3, seed=16, requires_grad=False), normal(3, 3, seed=17,
+                                                               requires_grad=False)
+
+    def kernel(*params):
+        return wn.Sequential(wn.Linear(8, W_std=1.3, b_std=0.2), make(*params),
+                             wn.Linear(1)).kernel(x1, x2, get=get)
+
+    assert gradcheck(kernel, tuple(scalar(v) for v in values))
+    # tensors that need no gradient take the fast paths and give the numbers' kernel
+    plain = kernel(*values)
+    as_tensors = kernel(*(torch.tensor(v, dtype=torch.float64) for v in values))
+    assert not as_tensors.requires_grad
+    torch.testing.assert_close(as_tensors, plain, rtol=1e-13, atol=1e-15)

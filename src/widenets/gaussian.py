@@ -137,7 +137,12 @@ def _both_nonzero(q1: Tensor, q2: Tensor) -> Tensor:
 
 
 def ab_relu_maps(
-    a: float, b: float, q1: Tensor, q2: Tensor, rho: Tensor, with_derivative: bool = True
+    a: float | Tensor,
+    b: float | Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    rho: Tensor,
+    with_derivative: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     r"""Both maps of ``phi(x) = a min(x, 0) + b max(x, 0)``, sharing one ``arccos``.
 
@@ -160,7 +165,12 @@ def ab_relu_maps(
     if a * b == 0:
         moments.mul_(torch.sqrt(q1) * scale).mul_(torch.sqrt(q2))
     else:
-        moments.mul_(scale).add_(rho, alpha=a * b).mul_(torch.sqrt(q1)).mul_(torch.sqrt(q2))
+        product = a * b
+        if isinstance(product, Tensor):  # (alpha= takes only a number)
+            moments = (moments * scale + product * rho) * torch.sqrt(q1) * torch.sqrt(q2)
+        else:
+            moments.mul_(scale).add_(rho, alpha=product).mul_(torch.sqrt(q1)).mul_(
+                torch.sqrt(q2))
     if not with_derivative:
         return moments, None
     derivative = angle_from_pi.mul_(scale)
@@ -176,7 +186,7 @@ def sign_moments(q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
 
 
 def _scaled_determinant(
-    s: float, q1: Tensor, q2: Tensor, rho: Tensor
+    s: float | Tensor, q1: Tensor, q2: Tensor, rho: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""``det(I + s Sigma) = (1 + s q1)(1 + s q2) - s^2 c^2`` without cancellation or
     overflow, for the covariance ``Sigma = [[q1, c], [c, q2]]`` with ``c = rho sqrt(q1 q2)``.
@@ -202,7 +212,12 @@ def _scaled_determinant(
 
 
 def erf_maps(
-    b: float, q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor, with_derivative: bool = True
+    b: float | Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    c: Tensor,
+    rho: Tensor,
+    with_derivative: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     r"""Both maps of ``erf(b x)`` (Williams 1997, "Computing with infinite networks").
 
@@ -244,7 +259,9 @@ def squared_distance(q1: Tensor, q2: Tensor, rho: Tensor, sign: float = -1.0) ->
     return (root1 - root2) ** 2 + 2 * root1 * root2 * (1.0 + sign * rho)
 
 
-def sin_moments(b: float, phase: float, q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
+def sin_moments(
+    b: float | Tensor, phase: float | Tensor, q1: Tensor, q2: Tensor, rho: Tensor
+) -> Tensor:
     r"""``E[sin(b u + phase) sin(b v + phase)]``.
 
     With ``sin x sin y = (cos(x - y) - cos(x + y)) / 2`` and
@@ -254,9 +271,10 @@ def sin_moments(b: float, phase: float, q1: Tensor, q2: Tensor, rho: Tensor) -> 
     with ``phase + pi/2`` (cosine), times ``b^2``.
     """
     half_b2 = 0.5 * b * b
+    cos_2phase = torch.cos(2 * phase) if isinstance(phase, Tensor) else math.cos(2 * phase)
     return 0.5 * (
         torch.exp(-half_b2 * squared_distance(q1, q2, rho))
-        - math.cos(2 * phase) * torch.exp(-half_b2 * squared_distance(q1, q2, rho, 1.0))
+        - cos_2phase * torch.exp(-half_b2 * squared_distance(q1, q2, rho, 1.0))
     )
 
 

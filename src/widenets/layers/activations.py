@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import gaussian
-from ..inputs import check_positive_int, check_scale
+from ..inputs import check_hyperparameter, check_positive_int
 from ..kernel import Kernel, batch_diagonal
 from ..paths import fast_paths_enabled
 from ..requirements import Needs
@@ -175,9 +175,9 @@ class Identity(Activation):
 class ABReLU(Activation):
     """``phi(x) = a min(x, 0) + b max(x, 0)``; maps in :func:`gaussian.ab_relu_maps`."""
 
-    def __init__(self, a: float, b: float) -> None:
-        self.a = check_scale(a, "a")
-        self.b = check_scale(b, "b")
+    def __init__(self, a: float | Tensor, b: float | Tensor) -> None:
+        self.a = check_hyperparameter(a, "a")
+        self.b = check_hyperparameter(b, "b")
 
     def apply(self, x: Tensor) -> Tensor:
         return torch.where(x > 0, self.b * x, self.a * x)
@@ -206,7 +206,7 @@ class ReLU(ABReLU):
 class LeakyReLU(ABReLU):
     """``phi(x) = x`` for ``x > 0`` and ``negative_slope * x`` otherwise."""
 
-    def __init__(self, negative_slope: float = 0.01) -> None:
+    def __init__(self, negative_slope: float | Tensor = 0.01) -> None:
         super().__init__(negative_slope, 1.0)
         self.negative_slope = self.a
 
@@ -273,10 +273,12 @@ class Sign(Activation):
 class Erf(Activation):
     """``phi(x) = a erf(b x) + c`` (Williams 1997); maps in :func:`gaussian.erf_maps`."""
 
-    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
-        self.a = check_scale(a, "a")
-        self.b = check_scale(b, "b")
-        self.c = check_scale(c, "c")
+    def __init__(
+        self, a: float | Tensor = 1.0, b: float | Tensor = 1.0, c: float | Tensor = 0.0
+    ) -> None:
+        self.a = check_hyperparameter(a, "a")
+        self.b = check_hyperparameter(b, "b")
+        self.c = check_hyperparameter(c, "c")
 
     def apply(self, x: Tensor) -> Tensor:
         return self.a * torch.erf(self.b * x) + self.c
@@ -303,13 +305,15 @@ class Erf(Activation):
 class Sin(Activation):
     """``phi(x) = a sin(b x + c)``; maps in :func:`gaussian.sin_moments`."""
 
-    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
-        self.a = check_scale(a, "a")
-        self.b = check_scale(b, "b")
-        self.c = check_scale(c, "c")
+    def __init__(
+        self, a: float | Tensor = 1.0, b: float | Tensor = 1.0, c: float | Tensor = 0.0
+    ) -> None:
+        self.a = check_hyperparameter(a, "a")
+        self.b = check_hyperparameter(b, "b")
+        self.c = check_hyperparameter(c, "c")
 
     @property
-    def _phase(self) -> float:
+    def _phase(self) -> float | Tensor:
         return self.c
 
     def apply(self, x: Tensor) -> Tensor:
@@ -328,7 +332,7 @@ class Cos(Sin):
     """``phi(x) = a cos(b x + c) = a sin(b x + c + pi/2)``."""
 
     @property
-    def _phase(self) -> float:
+    def _phase(self) -> float | Tensor:
         return self.c + math.pi / 2
 
 
@@ -340,9 +344,9 @@ class Rbf(Sin):
     :func:`gaussian.squared_distance`).
     """
 
-    def __init__(self, gamma: float = 1.0) -> None:
-        self.gamma = check_scale(gamma, "gamma", nonnegative=True)
-        super().__init__(math.sqrt(2.0), math.sqrt(2.0 * self.gamma), math.pi / 4)
+    def __init__(self, gamma: float | Tensor = 1.0) -> None:
+        self.gamma = check_hyperparameter(gamma, "gamma", nonnegative=True)
+        super().__init__(math.sqrt(2.0), (2.0 * self.gamma) ** 0.5, math.pi / 4)
 
     # The Sin maps with cos(2 phase) = cos(pi/2) = 0 and cos(2 phase + pi) = 0 exactly
     # (in floating point the cosine would leave an absolute error of about 6e-17).
