@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import cast
 
+import torch
+
 from .inputs import check_positive_int
 from .layers import (
     GELU,
@@ -100,10 +102,10 @@ def mlp(
     depth: int,
     activation: str | Layer = "relu",
     width: int = 1,
-    W_std: float = 1.0,
-    b_std: float | None = None,
+    W_std: float | torch.Tensor = 1.0,
+    b_std: float | torch.Tensor | None = None,
     outputs: int = 1,
-    readout_W_std: float | None = None,
+    readout_W_std: float | torch.Tensor | None = None,
 ) -> Sequential:
     """``depth x [Linear(width, W_std, b_std), activation]`` and a read-out
     ``Linear(outputs, readout_W_std (default W_std), b_std)``; ``depth=0`` is linear."""

@@ -16,6 +16,7 @@ scikit-learn is an optional dependency (the ``demo`` extra); it is imported here
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any
@@ -29,6 +30,7 @@ from .optional import require
 
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import check_is_fitted
 except ModuleNotFoundError:
@@ -45,7 +47,7 @@ except ImportError:  # scikit-learn < 1.6
 
 from .architectures import ACTIVATIONS, mlp
 from .layers.base import Layer
-from .predict import gradient_descent_mse_ensemble
+from .predict import gradient_descent_mse_ensemble, marginal_log_likelihood
 
 __all__ = ["ACTIVATIONS", "KernelClassifier", "KernelRegressor", "largest_gaussian_probabilities"]
 
@@ -59,6 +61,10 @@ _BLOCK = 512
 _QUADRATURE_NODES = 64
 #: Training samples whose prior variance sets the resolution of standard deviations.
 _RESOLUTION_SAMPLE = 100
+#: Iterations of L-BFGS for ``fit_hyperparameters=True``, and how far (in natural log)
+#: each hyperparameter may move from its starting value.
+_EVIDENCE_STEPS = 50
+_EVIDENCE_RANGE = 10.0
 #: Numbers held at once by predict_proba's quadrature (times 8 bytes).
 _BLOCK_ENTRIES = 2_000_000
 
@@ -77,7 +83,9 @@ class _WideNetwork(BaseEstimator):
         learning_rate: float = 1.0,
         diag_reg: float = 0.0,
         architecture: Layer | None = None,
+        fit_hyperparameters: bool = False,
     ) -> None:
+        self.fit_hyperparameters = fit_hyperparameters
         self.depth = depth
         self.activation = activation
         self.W_std = W_std
@@ -122,6 +130,14 @@ class _WideNetwork(BaseEstimator):
             raise ValueError(
                 f"architecture must be None or a widenets layer, got {self.architecture!r}"
             )
+        if not isinstance(self.fit_hyperparameters, (bool, np.bool_)):
+            raise ValueError(
+                f"fit_hyperparameters must be True or False, got {self.fit_hyperparameters!r}")
+        if self.fit_hyperparameters and self.architecture is not None:
+            raise ValueError(
+                "fit_hyperparameters fits W_std, b_std and diag_reg of the network built from "
+                "depth and activation: it needs architecture=None"
+            )
         return {"depth": int(depth), "w_std": w_std, "b_std": b_std, "kernel": self.kernel,
                 "t": t, "learning_rate": learning_rate, "diag_reg": diag_reg}
 
@@ -133,6 +149,10 @@ class _WideNetwork(BaseEstimator):
     # ------------------------------------------------------------------ fitting
     def _fit_targets(self, X: np.ndarray, targets: np.ndarray, params: dict[str, Any]) -> None:
         """Fit on validated ``X`` and 2-D float ``targets`` with checked ``params``."""
+        if self.fit_hyperparameters:
+            params = {**params, **self._maximise_evidence(X, targets, params)}
+        self.W_std_, self.b_std_, self.diag_reg_ = (
+            params["w_std"], params["b_std"], params["diag_reg"])
         self.network_ = self._network(params)
         self.X_fit_ = np.array(X, dtype=np.float64, order="C")
         self.y_fit_ = np.array(targets, dtype=np.float64, order="C")
@@ -143,6 +163,49 @@ class _WideNetwork(BaseEstimator):
         # The training kernel and its eigendecomposition are computed here, once.
         self._get_predictor()(torch.tensor(self.X_fit_[:1]), t=params["t"],
                               get=params["kernel"], compute_cov=False)
+
+    def _maximise_evidence(
+        self, X: np.ndarray, targets: np.ndarray, params: dict[str, Any]
+    ) -> dict[str, float]:
+        """``W_std``, ``b_std`` and ``diag_reg`` that maximise the NNGP marginal likelihood
+        of the targets (:func:`widenets.predict.marginal_log_likelihood`), by L-BFGS on
+        their logarithms (positive by construction), from the given values (``diag_reg``
+        from at least ``1e-4`` times the mean prior variance, so that it can move)."""
+        x = torch.tensor(X, dtype=torch.float64)
+        y = torch.tensor(targets, dtype=torch.float64)
+        start = self._network(params).kernel(x[:_RESOLUTION_SAMPLE], None, get="nngp")
+        prior = max(float(start.diagonal().mean()), 1e-300)
+        noise0 = max(params["diag_reg"], 1e-4 * prior)
+        start_logs = torch.tensor([math.log(params["w_std"]), math.log(max(params["b_std"], 1e-3)),
+                                   math.log(noise0)], dtype=torch.float64)
+        free = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        optimiser = torch.optim.LBFGS([free], max_iter=_EVIDENCE_STEPS,
+                                      line_search_fn="strong_wolfe")
+
+        def values(free: torch.Tensor) -> torch.Tensor:
+            # each log moves at most _EVIDENCE_RANGE from its start (smoothly), and the
+            # noise keeps a floor: the search cannot run off to 0 or infinity
+            values = (start_logs + _EVIDENCE_RANGE * torch.tanh(free / _EVIDENCE_RANGE)).exp()
+            return values + torch.tensor([0.0, 0.0, 1e-10 * prior], dtype=torch.float64)
+
+        def negative_evidence() -> torch.Tensor:
+            optimiser.zero_grad()
+            w_std, b_std, noise = values(free)
+            net = mlp(params["depth"], self.activation, 1, w_std, b_std)
+            loss = -marginal_log_likelihood(net, x, y, get="nngp", diag_reg=noise) / y.numel()
+            loss.backward()
+            return loss
+
+        try:
+            optimiser.step(negative_evidence)
+        except ValueError as error:  # a kernel that cannot be factorised on the way
+            warnings.warn(f"fit_hyperparameters stopped early ({error}); the starting "
+                          "values are used", ConvergenceWarning, stacklevel=3)
+            free = torch.zeros(3, dtype=torch.float64)
+        w_std, b_std, noise = (float(v) for v in values(free.detach()))
+        if not all(math.isfinite(v) for v in (w_std, b_std, noise)):
+            w_std, b_std, noise = (float(v) for v in values(torch.zeros(3, dtype=torch.float64)))
+        return {"w_std": w_std, "b_std": b_std, "diag_reg": noise}
 
     def _get_predictor(self) -> Any:
         if getattr(self, "_predictor", None) is None:
@@ -211,11 +274,18 @@ class KernelRegressor(RegressorMixin, _WideNetwork):
     architecture : widenets layer or None, default=None
         Any widenets architecture ending in one output per target; overrides
         ``depth``, ``activation``, ``W_std`` and ``b_std``.
+    fit_hyperparameters : bool, default=False
+        Choose ``W_std``, ``b_std`` and ``diag_reg`` by maximising the NNGP marginal
+        likelihood of the training targets (Gaussian evidence, all outputs sharing the
+        kernel), starting from the given values; the fitted values are ``W_std_``,
+        ``b_std_`` and ``diag_reg_``. Needs ``architecture=None``.
 
     Attributes
     ----------
     network_ : widenets layer
         The architecture used.
+    W_std_, b_std_, diag_reg_ : float
+        The values used: the parameters, or the fitted ones (``fit_hyperparameters``).
     X_fit_, y_fit_ : ndarray
         Training inputs and targets (``y_fit_`` is 2-D).
     n_features_in_ : int
@@ -291,6 +361,8 @@ class KernelClassifier(ClassifierMixin, _WideNetwork):
         The class labels, sorted.
     network_ : widenets layer
         The architecture used.
+    W_std_, b_std_, diag_reg_ : float
+        The values used: the parameters, or the fitted ones (``fit_hyperparameters``).
     X_fit_, y_fit_ : ndarray
         Training inputs and coded targets ``(n_samples, n_classes)``.
     n_features_in_ : int
