@@ -192,7 +192,7 @@ def test_no_gradient_is_recorded_when_none_is_asked_for():
 
 @pytest.mark.parametrize(
     ("value", "error", "match"),
-    [(torch.ones(2, dtype=torch.float64), TypeError, "0-d floating tensor"),
+    [(torch.ones(2, 2, dtype=torch.float64), TypeError, "0-d floating tensor"),
      (torch.tensor(2), TypeError, "0-d floating tensor"),
      (torch.tensor(-1.0), ValueError, "W_std must be a finite number >= 0"),
      (torch.tensor(float("nan")), ValueError, "W_std must be a finite number >= 0")],

@@ -58,10 +58,10 @@ __all__ = [
 ]
 
 #: Submodules imported on first use: those that need optional dependencies
-#: (scikit-learn, matplotlib; the data sets load through scikit-learn), and the
+#: (scikit-learn, matplotlib, GPyTorch; the data sets load through scikit-learn), and the
 #: lazy-training experiment (an application, see
 #: :mod:`widenets.apps`), so that ``import widenets`` needs and imports none of them.
-_OPTIONAL_SUBMODULES = ("datasets", "sklearn", "plot", "experiments")
+_OPTIONAL_SUBMODULES = ("datasets", "sklearn", "plot", "experiments", "gpytorch")
 
 
 def __getattr__(name: str):

@@ -240,7 +240,9 @@ def check_hyperparameter(
 def scale_value(value: float | torch.Tensor | None) -> float | None:
     """The number a hyperparameter holds (a tensor's value, detached): for finite twins,
     which are sampled with plain numbers."""
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def check_scale(value: object, name: str, nonnegative: bool = False) -> float:

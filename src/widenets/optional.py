@@ -1,7 +1,7 @@
 """Optional dependencies: import them, or say which widenets extra installs them.
 
 The extras are those of ``pyproject.toml``: ``demo`` (scikit-learn, matplotlib),
-``store`` (zarr) and ``dask`` (dask.distributed, zarr).
+``store`` (zarr), ``dask`` (dask.distributed, zarr) and ``gpytorch`` (GPyTorch).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +155,8 @@ class FiniteConv(WeightedModule):
     def __init__(self, layer: Conv, in_channels: int, generator: torch.Generator | None) -> None:
         fan_in = in_channels * math.prod(layer.kernel_size)
         super().__init__((layer.width, in_channels, *layer.kernel_size), fan_in,
-                         float(layer.W_std), scale_value(layer.b_std), layer.parameterization,
+                         cast(float, scale_value(layer.W_std)), scale_value(layer.b_std),
+                         layer.parameterization,
                          generator)
         self.layer, self.in_channels = layer, in_channels
 

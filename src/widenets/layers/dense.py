@@ -186,7 +186,7 @@ class Linear(WeightedLayer):
         if metric is not None and metric.shape[0] != shape[0]:
             raise ValueError(
                 f"W_std or W_cov has {metric.shape[0]} features, the inputs have {shape[0]}")
-        W_std = 1.0 if metric is not None else float(self.W_std)
+        W_std = 1.0 if metric is not None else cast(float, scale_value(self.W_std))
         module = FiniteLinear(shape[0], self.width, W_std, scale_value(self.b_std),
                               self.parameterization, generator,
                               None if metric is None else covariance_root(metric))
