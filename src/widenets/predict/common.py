@@ -22,22 +22,26 @@ from ..layers.base import Layer
 Tensor = torch.Tensor
 
 
-def as_targets(y: object, n: int) -> tuple[Tensor, bool]:
+def as_targets(
+    y: object, n: int, name: str = "y_train", inputs: str = "x_train"
+) -> tuple[Tensor, bool]:
     """Targets ``(N,)`` or ``(N, outputs)`` (a tensor, an array or a list) as ``(N, outputs)``,
-    and whether they were a vector."""
+    and whether they were a vector; errors name the argument ``name`` and its ``inputs``."""
     t: Tensor | np.ndarray
     if isinstance(y, torch.Tensor):
         t = y
     elif isinstance(y, (str, bytes)) or not isinstance(y, (np.ndarray, np.generic, Sequence)):
-        raise TypeError(f"y_train must be a tensor or an array ({n},) or ({n}, outputs), got "
+        raise TypeError(f"{name} must be a tensor or an array ({n},) or ({n}, outputs), got "
                         f"{type(y).__name__}")
     else:
         t = np.asarray(y)
+    shape = tuple(t.shape)
     is_vector = t.ndim == 1
-    t = as_data_tensor(t[:, None] if is_vector else t, "y_train")
+    t = as_data_tensor(t[:, None] if is_vector else t, name)
     if t.ndim != 2 or t.shape[0] != n:
         raise ValueError(
-            f"y_train must have shape ({n},) or ({n}, outputs), got {tuple(t.shape)}"
+            f"{name} must have shape ({n},) or ({n}, outputs) for the {n} inputs {inputs}, "
+            f"got {shape}"
         )
     return t, is_vector
 

@@ -3,34 +3,13 @@ r"""The Gaussian marginal likelihood (the evidence) of a network's kernel."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from ..inputs import as_data_tensor, check_nonnegative
-from .common import KernelSource, TrainingKernels, check_get, cholesky
+from .common import KernelSource, TrainingKernels, as_targets, check_get, cholesky
 
 Tensor = torch.Tensor
-
-
-def _targets(y: object, n: int) -> Tensor:
-    """``y``, ``(N,)`` or ``(N, outputs)`` (a tensor, an array or a list), as an
-    ``(N, outputs)`` tensor that keeps its autograd graph."""
-    t: Tensor | np.ndarray
-    if isinstance(y, torch.Tensor):
-        t = y
-    elif isinstance(y, (str, bytes)) or not isinstance(y, (np.ndarray, np.generic, Sequence)):
-        raise TypeError(f"y must be a tensor or an array ({n},) or ({n}, outputs), got "
-                        f"{type(y).__name__}")
-    else:
-        t = np.asarray(y)
-    shape = tuple(t.shape)
-    t = as_data_tensor(t[:, None] if t.ndim == 1 else t, "y")
-    if t.ndim != 2 or t.shape[0] != n:
-        raise ValueError(f"y must have shape ({n},) or ({n}, outputs) for the {n} inputs x, "
-                         f"got {shape}")
-    return t
 
 
 def _regularisation(diag_reg: object) -> tuple[Tensor | float, float]:
@@ -104,7 +83,7 @@ def marginal_log_likelihood(
     kernels = TrainingKernels(net_or_kernel_fn)
     name = check_get(get)
     xt = as_data_tensor(x, "x")
-    yt = _targets(y, xt.shape[0])
+    yt = as_targets(y, xt.shape[0], "y", "x")[0]
     reg, reg_value = _regularisation(diag_reg)
     k = kernels(xt, None, (name,))[name]
     yt = yt.to(device=k.device, dtype=torch.float64)
