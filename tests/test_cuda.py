@@ -467,3 +467,21 @@ def test_cuda_tiles_are_larger_and_give_the_cpu_kernel(monkeypatch):
     for name in ("nngp", "ntk"):
         assert kernel_error(net, x1, None, name, small[name]) <= 1e-10, name
         torch.testing.assert_close(small[name], large[name], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+def test_gradients_on_device_match_cpu(get):
+    """Gradients through the kernel with respect to the inputs and to a ``W_std`` tensor,
+    computed on the device, equal the CPU ones (float64)."""
+    x1, x2 = normal(6, 4, seed=31), normal(5, 4, seed=32)
+    grads = {}
+    for device in ("cpu", DEVICE):
+        w = torch.tensor(1.4, dtype=torch.float64, device=device, requires_grad=True)
+        a = x1.to(device, copy=True).requires_grad_(True)  # a leaf on every device
+        net = wn.Sequential(wn.Linear(8, W_std=w, b_std=0.1), wn.Erf(),
+                            wn.Linear(8, W_std=w, b_std=0.1), wn.ReLU(), wn.Linear(1, W_std=w))
+        kernel = net.kernel(a, x2.to(device), get=get)
+        assert kernel.requires_grad, device
+        grads[device] = tuple(g.cpu() for g in torch.autograd.grad(kernel.sum(), (a, w)))
+    for got, expected in zip(grads[DEVICE], grads["cpu"]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
