@@ -212,6 +212,18 @@ ACTIVATION_HYPERPARAMETERS = {
 }
 
 
+def test_gradcheck_layernorm_eps():
+    x1, x2 = normal(4, 3, seed=18, requires_grad=False), normal(3, 3, seed=19,
+                                                               requires_grad=False)
+
+    def kernel(eps):
+        return wn.Sequential(wn.Linear(8, W_std=1.3, b_std=0.2), wn.LayerNorm(eps=eps),
+                             wn.Erf(), wn.Linear(1)).kernel(x1, x2, get="ntk")
+
+    assert gradcheck(kernel, (scalar(0.3),))
+    assert list(wn.LayerNorm(eps=scalar(0.1)).hyperparameters()) == ["eps"]
+
+
 @pytest.mark.parametrize("get", ["nngp", "ntk"])
 @pytest.mark.parametrize("name", sorted(ACTIVATION_HYPERPARAMETERS))
 def test_gradcheck_activation_hyperparameters(name, get):

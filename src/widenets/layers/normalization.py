@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
-from ..inputs import check_nonnegative
+from ..inputs import check_hyperparameter, scale_value
 from ..kernel import batch_diagonal
 from ..requirements import Needs
 from .base import KernelState, Layer, Shape, single_kernel, single_shape
@@ -28,8 +30,8 @@ class LayerNorm(Layer):
     A zero input maps to zero, in the finite twin and in the kernel.
     """
 
-    def __init__(self, eps: float = 1e-12) -> None:
-        self.eps = check_nonnegative(eps, "eps")
+    def __init__(self, eps: float | torch.Tensor = 1e-12) -> None:
+        self.eps = check_hyperparameter(eps, "eps", nonnegative=True)
 
     needs = Needs(gaussian_input=True)
     gaussian_input_advice = (
@@ -62,10 +64,10 @@ class LayerNorm(Layer):
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
-        return FiniteLayerNorm(self.eps), single_shape(input_shape, self)
+        return FiniteLayerNorm(cast(float, scale_value(self.eps))), single_shape(input_shape, self)
 
 
-def _inverse_std(var: torch.Tensor, eps: float) -> torch.Tensor:
+def _inverse_std(var: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     """``1 / sqrt(var + eps)``, and 0 where ``var + eps`` is 0 (a zero input stays zero)."""
     total = var + eps
     positive = total > 0
