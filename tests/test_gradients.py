@@ -236,6 +236,12 @@ def test_gradcheck_activation_hyperparameters(name, get):
                              wn.Linear(1)).kernel(x1, x2, get=get)
 
     assert gradcheck(kernel, tuple(scalar(v) for v in values))
+    # with the inputs requiring grad as well
+    x1.requires_grad_(True)
+    assert gradcheck(lambda x1, *p: wn.Sequential(
+        wn.Linear(8, W_std=1.3, b_std=0.2), make(*p), wn.Linear(1)).kernel(x1, x2, get=get),
+        (x1, *(scalar(v) for v in values)))
+    x1.requires_grad_(False)
     # tensors that need no gradient take the fast paths and give the numbers' kernel
     plain = kernel(*values)
     as_tensors = kernel(*(torch.tensor(v, dtype=torch.float64) for v in values))

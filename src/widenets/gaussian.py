@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -158,7 +159,14 @@ def ab_relu_maps(
     tensors (the derivative map ``None`` unless ``with_derivative``). Computed in a few
     in-place passes: ``pi - theta = arccos(-rho)`` (accurate near ``rho = -1``, where
     the maps vanish) and ``sin(theta) = sin(pi - theta)``.
+
+    While autograd records (and ``a``, ``b`` are constants) the maps go through
+    :class:`ABReLUMaps`, whose backward pass is written out.
     """
+    if records_gradients(q1, q2, rho) and not records_gradients(
+            *[v for v in (a, b) if isinstance(v, Tensor)]):
+        moments, derivative = ABReLUMaps.apply(q1, q2, rho, float(a), float(b))
+        return moments, derivative if with_derivative else None
     angle_from_pi = torch.neg(rho).arccos_()  # pi - theta
     scale = (a - b) ** 2 / (2 * math.pi)
     moments = torch.sin(angle_from_pi).addcmul_(angle_from_pi, rho)
@@ -177,6 +185,55 @@ def ab_relu_maps(
     if a * b != 0:
         derivative.add_(a * b)
     return moments, derivative
+
+
+class ABReLUMaps(torch.autograd.Function):
+    r"""The maps of :func:`ab_relu_maps` with their derivatives written out: autograd keeps
+    the inputs and the NNGP map instead of every intermediate result, and the outputs may
+    be updated in place.
+
+    With ``F(rho) = (a - b)^2 (sin(theta) + (pi - theta) rho) / (2 pi) + a b rho`` the NNGP
+    map is ``M = sqrt(q1 q2) F`` and the derivative map ``D = F'(rho)``, so::
+
+        dM/drho = sqrt(q1 q2) D          (Price's theorem)
+        dM/dq1  = M / (2 q1)             (rho held fixed)
+        dD/drho = (a - b)^2 / (2 pi sin(theta))
+
+    The last is infinite at ``rho = +-1`` (identical inputs), where the map has a kink in
+    the angle between the inputs: there it is 0 (the mean of the two one-sided
+    derivatives); ``dM/dq1`` is 0 where ``q1 = 0``.
+    """
+
+    @staticmethod
+    def forward(q1: Tensor, q2: Tensor, rho: Tensor, a: float, b: float) -> tuple[Tensor, Tensor]:
+        """The NNGP and derivative maps, computed by the fast in-place code."""
+        with torch.no_grad():
+            moments, derivative = ab_relu_maps(a, b, q1, q2, rho)
+        return moments, cast(Tensor, derivative)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        """Keep the inputs and the NNGP map for the backward pass."""
+        q1, q2, rho, a, b = inputs
+        ctx.save_for_backward(q1, q2, rho, output[0].clone())  # (callers update outputs)
+        ctx.ab = (a, b)
+
+    @staticmethod
+    def backward(ctx: Any, grad_moments: Tensor,
+                 grad_derivative: Tensor) -> tuple[Tensor | None, ...]:
+        """The gradients of the inputs, from the formulas above."""
+        q1, q2, rho, moments = ctx.saved_tensors
+        a, b = ctx.ab
+        scale = (a - b) ** 2 / (2 * math.pi)
+        scaled = grad_moments * moments  # dM/dq_i = M / (2 q_i)
+        grad_q1 = torch.where(q1 > 0, scaled / (2 * q1), 0.0).sum_to_size(q1.shape)
+        grad_q2 = torch.where(q2 > 0, scaled / (2 * q2), 0.0).sum_to_size(q2.shape)
+        derivative = torch.neg(rho).arccos_().mul_(scale).add_(a * b)
+        sine = _sin_angle(rho)
+        kink = torch.where(sine > 0, scale / sine, 0.0)
+        grad_rho = (grad_moments * torch.sqrt(q1) * torch.sqrt(q2)).mul_(derivative)
+        grad_rho.addcmul_(grad_derivative, kink)
+        return grad_q1, grad_q2, grad_rho.sum_to_size(rho.shape), None, None
 
 
 def sign_moments(q1: Tensor, q2: Tensor, rho: Tensor) -> Tensor:
@@ -233,6 +290,9 @@ def erf_maps(
     ``rho`` have the broadcast shape of all arguments and are not changed; the results
     are fresh tensors (the derivative map ``None`` unless ``with_derivative``).
     """
+    if records_gradients(q1, q2, c) and not (isinstance(b, Tensor) and b.requires_grad):
+        moments, derivative = ErfMaps.apply(q1, q2, c, rho.detach(), float(b))
+        return moments, derivative if with_derivative else None
     s = 2 * b * b
     scaled, r1, r2 = _scaled_determinant(s, q1, q2, rho)
     if records_gradients(scaled, c):  # the same maps, without in-place updates
@@ -246,6 +306,54 @@ def erf_maps(
         return moments, None
     derivative = root.reciprocal_().mul_((2 * s / math.pi) * r1).mul_(r2)
     return moments, derivative
+
+
+class ErfMaps(torch.autograd.Function):
+    r"""The maps of :func:`erf_maps` with their derivatives written out, as functions of
+    ``(q1, q2, c)`` (``rho`` only serves the accuracy of ``D``). With ``s = 2 b^2``,
+    ``d_i = 1 + s q_i``, ``R = D^{-1/2}``, ``M`` the NNGP map and ``E = (2 s / pi) R`` the
+    derivative map::
+
+        dM/dc  = E                        (Price's theorem)
+        dM/dq1 = -(s^2 / pi) c R / d1
+        dE/dc  = E s^2 c R^2
+        dE/dq1 = -(s / 2) E d2 R^2
+
+    each written so that no intermediate overflows (``R`` is small where ``d_i`` and ``c``
+    are large).
+    """
+
+    @staticmethod
+    def forward(q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor, b: float) -> tuple[Tensor, Tensor]:
+        """The NNGP and derivative maps, computed by the fast in-place code."""
+        with torch.no_grad():
+            moments, derivative = erf_maps(b, q1, q2, c, rho)
+        return moments, cast(Tensor, derivative)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        """Keep the inputs for the backward pass."""
+        q1, q2, c, rho, b = inputs
+        ctx.save_for_backward(q1, q2, c, rho)
+        ctx.b = b
+
+    @staticmethod
+    def backward(ctx: Any, grad_moments: Tensor,
+                 grad_derivative: Tensor) -> tuple[Tensor | None, ...]:
+        """The gradients of the inputs, from the formulas above."""
+        q1, q2, c, rho = ctx.saved_tensors
+        s = 2 * ctx.b * ctx.b
+        scaled, r1, r2 = _scaled_determinant(s, q1, q2, rho)
+        r = r1 * r2 / scaled.sqrt()  # D^{-1/2}
+        derivative = (2 * s / math.pi) * r
+        c_r2 = c * r * r
+        grad_c = grad_moments * derivative + grad_derivative * derivative * (s * s) * c_r2
+        common_d = grad_derivative * derivative * r * r * (-s / 2)  # times d_other
+        common_m = grad_moments * (-(s * s) / math.pi) * c * r  # divided by d_self
+        grad_q1 = common_m / (1 + s * q1) + common_d * (1 + s * q2)
+        grad_q2 = common_m / (1 + s * q2) + common_d * (1 + s * q1)
+        return (grad_q1.sum_to_size(q1.shape), grad_q2.sum_to_size(q2.shape),
+                grad_c.sum_to_size(c.shape), None, None)
 
 
 def squared_distance(q1: Tensor, q2: Tensor, rho: Tensor, sign: float = -1.0) -> Tensor:

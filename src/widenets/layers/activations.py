@@ -63,6 +63,10 @@ class Activation(Layer):
         nngp = self.nngp_map(q1, q2, c, rho).clone()
         return nngp, None if ntk is None else ntk * self.derivative_map(q1, q2, c, rho)
 
+    #: Whether :meth:`pair_maps` may run while autograd records (its in-place updates
+    #: touch nothing that the backward pass needs): the recorded path then uses it.
+    records_pair_maps = False
+
     needs = Needs(gaussian_input=True)
     gaussian_input_advice = (
         "a Gaussian input: put a Linear layer before it (an activation cannot act on the "
@@ -84,8 +88,12 @@ class Activation(Layer):
             if k.symmetric:  # a copy: autograd keeps the correlations that c came from
                 rho = rho.clone()
                 batch_diagonal(rho).copy_(self_rho)
-            nngp = self.nngp_map(q1, q2, c, rho).clone()
-            ntk = None if k.ntk is None else k.ntk * self.derivative_map(q1, q2, c, rho)
+            if self.records_pair_maps and gaussian.records_gradients(q1, q2, c, rho):
+                # both maps in one pass (safe for autograd here): half the graph
+                nngp, ntk = self.pair_maps(q1, q2, c, rho, k.ntk)
+            else:
+                nngp = self.nngp_map(q1, q2, c, rho).clone()
+                ntk = None if k.ntk is None else k.ntk * self.derivative_map(q1, q2, c, rho)
         if k.symmetric:
             batch_diagonal(nngp).copy_(var1)
         return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, is_gaussian=False)
@@ -191,6 +199,12 @@ class ABReLU(Activation):
     def pair_maps(self, q1, q2, c, rho, ntk):
         nngp, derivative = gaussian.ab_relu_maps(self.a, self.b, q1, q2, rho, ntk is not None)
         return nngp, None if ntk is None else derivative.mul_(ntk)
+
+    @property
+    def records_pair_maps(self) -> bool:  # type: ignore[override]
+        # through gaussian.ABReLUMaps, taken when the slopes are constants
+        return not gaussian.records_gradients(
+            *[v for v in (self.a, self.b) if isinstance(v, Tensor)])
 
 
 class ReLU(ABReLU):
@@ -300,6 +314,12 @@ class Erf(Activation):
             return nngp, None
         derivative.mul_(ntk)
         return nngp, derivative if self.a**2 == 1.0 else derivative.mul_(self.a**2)
+
+    @property
+    def records_pair_maps(self) -> bool:  # type: ignore[override]
+        # erf_maps records out of place; the updates above then touch only fresh results
+        return not gaussian.records_gradients(
+            *[v for v in (self.a, self.b, self.c) if isinstance(v, Tensor)])
 
 
 class Sin(Activation):
