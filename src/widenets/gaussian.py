@@ -71,7 +71,14 @@ def snap_to_unit(q1: Tensor, q2: Tensor, c: Tensor, rho: Tensor) -> tuple[Tensor
     snap = (1.0 - rho.abs()) <= snap_tolerance(rho.dtype)
     if bool(snap.any()):
         rho = torch.where(snap, torch.sign(rho), rho)
-        c = torch.where(snap, rho * geometric_mean(q1, q2), c)
+        if records_gradients(q1, q2, c):
+            # the same values; the gradient of c kept as it is: at a correlation of +-1 it
+            # equals that of +-sqrt(q1 q2) to first order (the correlation is extremal)
+            with torch.no_grad():
+                correction = torch.where(snap, rho * geometric_mean(q1, q2) - c, 0.0)
+            c = c + correction
+        else:
+            c = torch.where(snap, rho * geometric_mean(q1, q2), c)
     return rho, c
 
 
