@@ -63,9 +63,15 @@ class Activation(Layer):
         nngp = self.nngp_map(q1, q2, c, rho).clone()
         return nngp, None if ntk is None else ntk * self.derivative_map(q1, q2, c, rho)
 
-    #: Whether :meth:`pair_maps` may run while autograd records (its in-place updates
-    #: touch nothing that the backward pass needs): the recorded path then uses it.
-    records_pair_maps = False
+    #: Whether :meth:`pair_maps` may run while autograd records, as long as this
+    #: activation's own hyperparameters are constants (its in-place updates then touch
+    #: nothing that the backward pass needs): the recorded path then uses it.
+    pair_maps_record_safely = False
+
+    def records_pair_maps(self) -> bool:
+        """Whether the recorded path may compute both maps in one :meth:`pair_maps`."""
+        return self.pair_maps_record_safely and not gaussian.records_gradients(
+            *self.hyperparameters().values())
 
     needs = Needs(gaussian_input=True)
     gaussian_input_advice = (
@@ -88,7 +94,7 @@ class Activation(Layer):
             if k.symmetric:  # a copy: autograd keeps the correlations that c came from
                 rho = rho.clone()
                 batch_diagonal(rho).copy_(self_rho)
-            if self.records_pair_maps and gaussian.records_gradients(q1, q2, c, rho):
+            if gaussian.records_gradients(q1, q2, c, rho) and self.records_pair_maps():
                 # both maps in one pass (safe for autograd here): half the graph
                 nngp, ntk = self.pair_maps(q1, q2, c, rho, k.ntk)
             else:
@@ -200,11 +206,7 @@ class ABReLU(Activation):
         nngp, derivative = gaussian.ab_relu_maps(self.a, self.b, q1, q2, rho, ntk is not None)
         return nngp, None if ntk is None else derivative.mul_(ntk)
 
-    @property
-    def records_pair_maps(self) -> bool:  # type: ignore[override]
-        # through gaussian.ABReLUMaps, taken when the slopes are constants
-        return not gaussian.records_gradients(
-            *[v for v in (self.a, self.b) if isinstance(v, Tensor)])
+    pair_maps_record_safely = True  # through gaussian.ABReLUMaps (constant slopes)
 
 
 class ReLU(ABReLU):
@@ -315,11 +317,8 @@ class Erf(Activation):
         derivative.mul_(ntk)
         return nngp, derivative if self.a**2 == 1.0 else derivative.mul_(self.a**2)
 
-    @property
-    def records_pair_maps(self) -> bool:  # type: ignore[override]
-        # erf_maps records out of place; the updates above then touch only fresh results
-        return not gaussian.records_gradients(
-            *[v for v in (self.a, self.b, self.c) if isinstance(v, Tensor)])
+    # erf_maps records out of place; the updates above then touch only fresh results
+    pair_maps_record_safely = True
 
 
 class Sin(Activation):

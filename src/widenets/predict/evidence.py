@@ -22,10 +22,7 @@ def _regularisation(diag_reg: object) -> tuple[Tensor | float, float]:
         raise TypeError(
             f"diag_reg must be a number or a 0-d real tensor >= 0, got {diag_reg!r}"
         )
-    value = float(diag_reg.detach())
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"diag_reg must be a finite number >= 0, got {value}")
-    return diag_reg, value
+    return diag_reg, check_nonnegative(float(diag_reg.detach()), "diag_reg")
 
 
 def marginal_log_likelihood(
