@@ -9,7 +9,6 @@ may use what an earlier block of the same page defined), in an empty folder, as
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -17,13 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.code_blocks import python_blocks
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 PAGES = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)
-
-
-def python_blocks(page: Path) -> list[str]:
-    return PYTHON_BLOCK.findall(page.read_text(encoding="utf-8"))
 
 
 PAGES_WITH_CODE = [p for p in PAGES if python_blocks(p)]

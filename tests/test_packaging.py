@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.code_blocks import python_blocks
+
 pytest.importorskip("build", reason="the 'build' package (python -m build) is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,13 +174,12 @@ def test_readme_quickstart_runs_from_the_wheel_in_a_fresh_environment(
     the built wheel, run from an empty folder: widenets comes from the wheel, not from
     this checkout. Its dependencies (torch, numpy, scipy, tqdm) are borrowed from this
     environment through a path file rather than downloaded (no network in the tests)."""
-    import re
     import site
     import sysconfig
 
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     quickstart = tmp_path / "quickstart.py"
-    quickstart.write_text(blocks[0] + "\nimport widenets\nprint('FROM', widenets.__file__)\n")
+    quickstart.write_text(python_blocks(ROOT / "README.md")[0]
+                          + "\nimport widenets\nprint('FROM', widenets.__file__)\n")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")

@@ -3,13 +3,14 @@ empty folder, as ``__main__``)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
+from tests.code_blocks import python_blocks
+
 README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+BLOCKS = python_blocks(README)
 
 
 def test_the_readme_has_python_blocks():
