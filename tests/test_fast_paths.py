@@ -168,6 +168,32 @@ def test_window_sums_over_slices_equal_padded_copies(size, window, stride, mode)
         torch.testing.assert_close(fast, plain, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("window,stride,mode", [(3, 1, "same"), (2, 2, "same"),
+                                                (3, 2, "valid"), (3, 2, "circular")])
+def test_window_sums_recorded_as_one_node_differentiate_as_padded_copies(window, stride, mode):
+    """The recorded window mean (one autograd node, backward = its adjoint) has the
+    gradient, second derivative and torch.func Jacobians of the padded-copy formula."""
+    pad = padding(5, window, stride, mode, "test", 0)
+    t = torch.randn(2, 5, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(11),
+                    requires_grad=True)
+    dims = (1, 2)
+
+    def recorded(t):
+        return padded_window_mean(t, dims, window, stride, pad)
+
+    def plain(t):
+        for dim in dims:
+            t = pad_axis(t, dim, pad)
+        return window_mean(t, dims, window, stride, pad.out)
+
+    assert recorded(t).grad_fn is not None
+    assert torch.autograd.gradcheck(recorded, (t,))
+    assert torch.autograd.gradgradcheck(recorded, (t,))
+    expected = torch.autograd.functional.jacobian(plain, t)
+    torch.testing.assert_close(torch.func.jacrev(recorded)(t), expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(torch.func.jacfwd(recorded)(t), expected, rtol=1e-14, atol=0)
+
+
 def test_straightforward_is_per_thread_and_restored_after_errors():
     with pytest.raises(RuntimeError):
         with straightforward():

@@ -146,6 +146,26 @@ def test_torch_func_grad_and_jacrev():
     assert torch.equal(jacobian[0, :, 1], torch.zeros(2, 3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_recorded_tiles_give_the_gradient_of_one_block(monkeypatch, symmetric):
+    """Recorded tiles are concatenated (with transposes below the diagonal): the kernel
+    and its gradients equal those computed in one block."""
+    from widenets import engine
+
+    def gradients(tile_entries):
+        monkeypatch.setattr(engine, "TILE_ENTRIES", tile_entries)
+        x1, w = normal(13, 3, seed=21), scalar(1.2)
+        x2 = None if symmetric else normal(9, 3, seed=22)
+        k = dense(wn.ReLU, W_std=w).kernel(x1, x2, get=("nngp", "ntk"))
+        weights = normal(13, 13 if symmetric else 9, seed=23, requires_grad=False)
+        ((k.nngp + k.ntk) * weights).sum().backward()
+        return k.ntk.detach(), x1.grad, w.grad
+
+    tiled, whole = gradients(16), gradients(1 << 30)  # 4 x 4 tiles, awkward last ones
+    for a, b in zip(tiled, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_kernel_matrix_refuses_gradients_with_a_store(tmp_path):
     with pytest.raises(ValueError, match="keeps numbers, not gradients"):
         wn.kernel_matrix(dense(wn.ReLU), normal(4, 3, seed=15), store=tmp_path / "k.zarr")

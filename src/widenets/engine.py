@@ -115,7 +115,8 @@ def compute_kernels(
     if tracks_gradients(net, t1, t2):
         # the fast paths overwrite intermediate results in place, which autograd forbids
         with straightforward():
-            return compute_kernel_tiles(net, t1, t2, get, names, spatial, progress)
+            return compute_kernel_tiles(net, t1, t2, get, names, spatial, progress,
+                                        recorded=True)
     return compute_kernel_tiles(net, t1, t2, get, names, spatial, progress)
 
 
@@ -139,19 +140,26 @@ def compute_kernel_tiles(
     names: tuple[str, ...],
     spatial: str,
     progress: bool | None,
+    recorded: bool = False,
 ) -> torch.Tensor | Kernels:
-    """The kernels of checked inputs, tile by tile (see :func:`compute_kernels`)."""
+    """The kernels of checked inputs, tile by tile (see :func:`compute_kernels`).
+
+    Tiles are copied into the result, or, when autograd records them (``recorded``),
+    concatenated: the backward pass of a copy into a slice clones the whole gradient,
+    once per tile, where that of a concatenation takes views.
+    """
     paired = spatial_layout(net, spatial, t1)
     layout = Layout(tuple(t1.shape[2:]), paired)
     second = t1 if t2 is None else t2
     result = {
         name: torch.empty(t1.shape[0], second.shape[0], dtype=t1.dtype, device=t1.device)
         for name in names
-    }
+    }  # (replaced by the concatenated tiles when recorded)
     budget = tile_budget(bool(layout.sizes), t1)
     pairs_per_tile = max(1, budget // layout.positions_per_pair)
     side = max(1, math.isqrt(pairs_per_tile))
     tiles = plan_tiles(t1.shape[0], second.shape[0], side, side, t2 is None)
+    kept: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     with progress_bar(len(tiles), progress, "kernel", "tile") as bar:
         for tile in tiles:
             rows, cols = tile.rows, tile.cols
@@ -160,11 +168,25 @@ def compute_kernel_tiles(
                                  paired)
             for name in names:
                 check_finite_kernel(block[name], name)
-                result[name][rows, cols] = block[name]
+            if recorded:
+                kept[tile.r0, tile.c0] = block
                 if t2 is None and not diagonal:
-                    # a contiguous transposed copy takes torch's blocked transpose kernel
-                    result[name][cols, rows] = block[name].T.contiguous()
+                    kept[tile.c0, tile.r0] = {name: block[name].T for name in names}
+            else:
+                for name in names:
+                    result[name][rows, cols] = block[name]
+                    if t2 is None and not diagonal:
+                        # a contiguous transposed copy takes torch's blocked transpose kernel
+                        result[name][cols, rows] = block[name].T.contiguous()
             bar.update(1)
+    if recorded and kept:
+        row_starts = sorted({r0 for r0, _ in kept})
+        col_starts = sorted({c0 for _, c0 in kept})
+        result = {
+            name: torch.cat([torch.cat([kept[r0, c0][name] for c0 in col_starts], dim=1)
+                             for r0 in row_starts])
+            for name in names
+        }
     if isinstance(get, str):
         return result[get]
     return Kernels(**result)

@@ -220,24 +220,28 @@ class ABReLUMaps(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        """Keep the inputs and the NNGP map for the backward pass."""
+        """Keep the inputs and both maps for the backward pass (callers update the NNGP
+        map in place, so it is copied; they leave the derivative map alone while
+        recording)."""
         q1, q2, rho, a, b = inputs
-        ctx.save_for_backward(q1, q2, rho, output[0].clone())  # (callers update outputs)
+        ctx.save_for_backward(q1, q2, rho, output[0].clone(), output[1])
         ctx.ab = (a, b)
 
     @staticmethod
     def backward(ctx: Any, grad_moments: Tensor,
                  grad_derivative: Tensor) -> tuple[Tensor | None, ...]:
         """The gradients of the inputs, from the formulas above."""
-        q1, q2, rho, moments = ctx.saved_tensors
+        q1, q2, rho, moments, derivative = ctx.saved_tensors
         a, b = ctx.ab
         scale = (a - b) ** 2 / (2 * math.pi)
-        scaled = grad_moments * moments  # dM/dq_i = M / (2 q_i)
-        grad_q1 = torch.where(q1 > 0, scaled / (2 * q1), 0.0).sum_to_size(q1.shape)
-        grad_q2 = torch.where(q2 > 0, scaled / (2 * q2), 0.0).sum_to_size(q2.shape)
-        derivative = torch.neg(rho).arccos_().mul_(scale).add_(a * b)
-        sine = _sin_angle(rho)
-        kink = torch.where(sine > 0, scale / sine, 0.0)
+        scaled = grad_moments * moments  # dM/dq_i = M / (2 q_i), q_i constant where summed
+        grad_q1 = scaled.sum_to_size(q1.shape)
+        grad_q1 = torch.where(q1 > 0, grad_q1 / (2 * q1), 0.0)
+        grad_q2 = scaled.sum_to_size(q2.shape)
+        grad_q2 = torch.where(q2 > 0, grad_q2 / (2 * q2), 0.0)
+        # scale / sin(theta), and 0 where sin(theta) = 0 (rsqrt gives inf there, or nan
+        # for a product rounded below 0)
+        kink = torch.nan_to_num(torch.rsqrt((1.0 - rho) * (1.0 + rho)), 0.0, 0.0, 0.0) * scale
         grad_rho = (grad_moments * torch.sqrt(q1) * torch.sqrt(q2)).mul_(derivative)
         grad_rho.addcmul_(grad_derivative, kink)
         return grad_q1, grad_q2, grad_rho.sum_to_size(rho.shape), None, None
@@ -339,20 +343,20 @@ class ErfMaps(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        """Keep the inputs for the backward pass."""
-        q1, q2, c, rho, b = inputs
-        ctx.save_for_backward(q1, q2, c, rho)
+        """Keep the inputs and the derivative map ``E`` (from which ``R`` follows) for the
+        backward pass."""
+        q1, q2, c, _, b = inputs
+        ctx.save_for_backward(q1, q2, c, output[1])
         ctx.b = b
 
     @staticmethod
     def backward(ctx: Any, grad_moments: Tensor,
                  grad_derivative: Tensor) -> tuple[Tensor | None, ...]:
         """The gradients of the inputs, from the formulas above."""
-        q1, q2, c, rho = ctx.saved_tensors
+        q1, q2, c, derivative = ctx.saved_tensors
         s = 2 * ctx.b * ctx.b
-        scaled, r1, r2 = _scaled_determinant(s, q1, q2, rho)
-        r = r1 * r2 / scaled.sqrt()  # D^{-1/2}
-        derivative = (2 * s / math.pi) * r
+        # R = D^{-1/2}; with s = 0 every term below carries a factor s or E = 0
+        r = derivative * (math.pi / (2 * s)) if s > 0 else torch.zeros_like(derivative)
         c_r2 = c * r * r
         grad_c = grad_moments * derivative + grad_derivative * derivative * (s * s) * c_r2
         common_d = grad_derivative * derivative * r * r * (-s / 2)  # times d_other

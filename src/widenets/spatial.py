@@ -14,7 +14,9 @@ construction. Conventions (as TensorFlow, JAX and Neural Tangents; PyTorch's
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,115 @@ def window_mean(
     return total / window
 
 
+def _shifted_slices(
+    size: int, ndim: int, dims: tuple[int, ...], window: int, stride: int, pad: AxisPadding
+) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """For each filter offset that meets real pixels, the slices ``(target, source)`` of
+    the output and of the unpadded input with ``output[target] += input[source]``.
+
+    Output ``i`` reads input ``stride * i + offset - pad.before`` where that lies in
+    ``[0, size)``; padded zeros add nothing, so they are skipped.
+    """
+    for offset in range(window):
+        shift = offset - pad.before
+        first = max(0, -(shift // stride))
+        last = min(pad.out - 1, (size - 1 - shift) // stride)
+        if last < first:
+            continue
+        start = stride * first + shift
+        target, source = [slice(None)] * ndim, [slice(None)] * ndim
+        for dim in dims:
+            target[dim] = slice(first, last + 1)
+            source[dim] = slice(start, start + stride * (last - first) + 1, stride)
+        yield tuple(target), tuple(source)
+
+
+def _sum_windows(
+    t: torch.Tensor, dims: tuple[int, ...], window: int, stride: int, pad: AxisPadding
+) -> torch.Tensor:
+    """The zero-padded window mean of ``t`` by in-place additions of shifted slices."""
+    shape = list(t.shape)
+    for dim in dims:
+        shape[dim] = pad.out
+    slices = list(_shifted_slices(t.shape[dims[0]], t.ndim, dims, window, stride, pad))
+    # start from an offset that every output sees, if there is one: no zeros to fill
+    full = [(target, source) for target, source in slices
+            if all(target[dim].stop - target[dim].start == pad.out for dim in dims)]
+    if full:
+        slices.remove(full[0])
+        out = t[full[0][1]] * (1.0 / window)
+    else:
+        out = t.new_zeros(shape)
+    for target, source in slices:
+        out[target].add_(t[source], alpha=1.0 / window)
+    return out
+
+
+def _spread_windows(
+    grad: torch.Tensor, size: int, dims: tuple[int, ...], window: int, stride: int,
+    pad: AxisPadding,
+) -> torch.Tensor:
+    """The adjoint of :func:`_sum_windows`: each output's value spread over its window."""
+    shape = list(grad.shape)
+    for dim in dims:
+        shape[dim] = size
+    out = grad.new_zeros(shape)
+    for target, source in _shifted_slices(size, grad.ndim, dims, window, stride, pad):
+        out[source].add_(grad[target], alpha=1.0 / window)
+    return out
+
+
+class WindowMean(torch.autograd.Function):
+    """The zero-padded window mean as one autograd node whose backward is its adjoint
+    (:class:`SpreadWindows`): slicing ``window`` shifted views under autograd would make
+    each view's backward a full-size zero tensor."""
+
+    generate_vmap_rule = True  # for torch.func.jacrev and vmap
+
+    @staticmethod
+    def forward(t: torch.Tensor, dims: tuple[int, ...], window: int, stride: int,
+                pad: AxisPadding) -> torch.Tensor:
+        """:func:`_sum_windows`."""
+        with torch.no_grad():
+            return _sum_windows(t, dims, window, stride, pad)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        """Keep the window's geometry (the backward needs no tensor)."""
+        t, ctx.dims, ctx.window, ctx.stride, ctx.pad = inputs
+        ctx.size = t.shape[ctx.dims[0]]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The adjoint, itself differentiable."""
+        spread = SpreadWindows.apply(grad, ctx.size, ctx.dims, ctx.window, ctx.stride, ctx.pad)
+        return spread, None, None, None, None
+
+
+class SpreadWindows(torch.autograd.Function):
+    """The adjoint of :class:`WindowMean`; its backward is :class:`WindowMean`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad: torch.Tensor, size: int, dims: tuple[int, ...], window: int,
+                stride: int, pad: AxisPadding) -> torch.Tensor:
+        """:func:`_spread_windows`."""
+        with torch.no_grad():
+            return _spread_windows(grad, size, dims, window, stride, pad)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        """Keep the window's geometry."""
+        _, _, ctx.dims, ctx.window, ctx.stride, ctx.pad = inputs
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The window mean, the adjoint of the adjoint."""
+        mean = WindowMean.apply(grad, ctx.dims, ctx.window, ctx.stride, ctx.pad)
+        return mean, None, None, None, None, None
+
+
 def padded_window_mean(
     t: torch.Tensor, dims: tuple[int, ...], window: int, stride: int, pad: AxisPadding
 ) -> torch.Tensor:
@@ -103,29 +214,19 @@ def padded_window_mean(
 
     The fast path (zero padding) never builds the padded tensor: for each offset it adds
     the slice of ``t`` that meets real pixels into the matching slice of the output,
-    since padded zeros add nothing. Circular padding, and the straightforward path, pad
-    with :func:`pad_axis` and then take :func:`window_mean`.
+    since padded zeros add nothing. When autograd records ``t``, the same sums run as one
+    node (:class:`WindowMean`) whose backward is their adjoint, after wrapping around
+    for circular padding. The straightforward path pads with :func:`pad_axis` and then
+    takes :func:`window_mean`.
     """
+    if torch.is_grad_enabled() and t.requires_grad:
+        if pad.circular:
+            for dim in dims:
+                t = pad_axis(t, dim, pad)
+            pad = AxisPadding(0, 0, False, pad.out)
+        return WindowMean.apply(t, dims, window, stride, pad)
     if pad.circular or not fast_paths_enabled():
         for dim in dims:
             t = pad_axis(t, dim, pad)
         return window_mean(t, dims, window, stride, pad.out)
-    size = t.shape[dims[0]]
-    shape = list(t.shape)
-    for dim in dims:
-        shape[dim] = pad.out
-    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
-    for offset in range(window):
-        # output i reads input stride * i + offset - pad.before, where it lies in [0, size)
-        shift = offset - pad.before
-        first = max(0, -(shift // stride))
-        last = min(pad.out - 1, (size - 1 - shift) // stride)
-        if last < first:
-            continue
-        start = stride * first + shift
-        target, source = [slice(None)] * t.ndim, [slice(None)] * t.ndim
-        for dim in dims:
-            target[dim] = slice(first, last + 1)
-            source[dim] = slice(start, start + stride * (last - first) + 1, stride)
-        out[tuple(target)].add_(t[tuple(source)], alpha=1.0 / window)
-    return out
+    return _sum_windows(t, dims, window, stride, pad)

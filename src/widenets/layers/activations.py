@@ -204,7 +204,11 @@ class ABReLU(Activation):
 
     def pair_maps(self, q1, q2, c, rho, ntk):
         nngp, derivative = gaussian.ab_relu_maps(self.a, self.b, q1, q2, rho, ntk is not None)
-        return nngp, None if ntk is None else derivative.mul_(ntk)
+        if ntk is None:
+            return nngp, None
+        if gaussian.records_gradients(derivative):  # ABReLUMaps keeps it for its backward
+            return nngp, derivative * ntk
+        return nngp, derivative.mul_(ntk)
 
     pair_maps_record_safely = True  # through gaussian.ABReLUMaps (constant slopes)
 
@@ -314,10 +318,14 @@ class Erf(Activation):
             nngp.add_(self.c**2)
         if ntk is None:
             return nngp, None
-        derivative.mul_(ntk)
+        if gaussian.records_gradients(derivative):  # ErfMaps keeps it for its backward
+            derivative = derivative * ntk
+        else:
+            derivative.mul_(ntk)
         return nngp, derivative if self.a**2 == 1.0 else derivative.mul_(self.a**2)
 
-    # erf_maps records out of place; the updates above then touch only fresh results
+    # erf_maps records out of place (or through ErfMaps, whose derivative map is then
+    # multiplied out of place); the other updates above touch only fresh results
     pair_maps_record_safely = True
 
 
