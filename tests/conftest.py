@@ -23,6 +23,13 @@ def reference() -> np.lib.npyio.NpzFile:
     return np.load(DATA / "nt_reference_public.npz")
 
 
+@pytest.fixture(scope="session")
+def attention_reference() -> np.lib.npyio.NpzFile:
+    """Neural Tangents 0.6.5 kernels of attention, graph, masked and dropout networks
+    (see tests/data/README.md)."""
+    return np.load(DATA / "nt_reference_attention.npz")
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

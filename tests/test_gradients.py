@@ -113,6 +113,21 @@ def test_gradients_are_finite_at_duplicates_zero_rows_and_depth_20(name):
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad)
 
 
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_gradients_are_finite_at_zero_positions_without_bias(name):
+    """Positions of variance exactly 0 (zero pixels, no bias) beside nonzero ones."""
+    x = normal(3, 2, 5, seed=9, requires_grad=False)
+    x[:, :, 3:] = 0.0
+    x[2] = 0.0
+    x.requires_grad_(True)
+    w = scalar(1.1)
+    net = wn.Sequential(wn.Conv1d(8, 1, W_std=w), ACTIVATIONS[name](), wn.Conv1d(8, 1, W_std=w),
+                        ACTIVATIONS[name](), wn.GlobalAvgPool(), wn.Linear(1, W_std=w))
+    k = net.kernel(x, None, get=("nngp", "ntk"))
+    (k.nngp.sum() + k.ntk.sum()).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad)
+
+
 @pytest.mark.parametrize("get", ["nngp", "ntk"])
 def test_hyperparameter_gradients_match_central_differences(get):
     """d K / d W_std and d K / d b_std against central differences of the kernel of plain

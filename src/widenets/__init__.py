@@ -12,6 +12,7 @@ from .layers import (
     GELU,
     ABReLU,
     Abs,
+    Aggregate,
     AvgPool1d,
     AvgPool2d,
     AvgPool3d,
@@ -19,6 +20,7 @@ from .layers import (
     Conv2d,
     Conv3d,
     Cos,
+    Dropout,
     Elementwise,
     Erf,
     FanInConcat,
@@ -48,11 +50,11 @@ from .tiles import kernel_matrix, load_kernel
 from .version import __version__
 
 __all__ = [
-    "ABReLU", "Abs", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Conv1d", "Conv2d", "Conv3d",
-    "Flatten", "GlobalAvgPool", "Cos", "Elementwise", "Erf", "FanInConcat", "FanInProd", "FanInSum",
-    "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer", "LayerNorm", "LeakyReLU",
-    "Linear", "Parallel", "Rbf", "RectifiedMonomial", "ReLU", "Residual", "Sequential",
-    "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",
+    "ABReLU", "Abs", "Aggregate", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Conv1d", "Conv2d",
+    "Conv3d", "Dropout", "Flatten", "GlobalAvgPool", "Cos", "Elementwise", "Erf", "FanInConcat",
+    "FanInProd", "FanInSum", "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer",
+    "LayerNorm", "LeakyReLU", "Linear", "Parallel", "Rbf", "RectifiedMonomial", "ReLU", "Residual",
+    "Sequential", "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",
     "datasets", "experiments", "kernel_matrix", "load_kernel", "predict", "__version__",
     "TaylorExpansion", "linearize", "taylor_expand",
 ]

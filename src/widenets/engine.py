@@ -23,6 +23,7 @@ from .inputs import COMPUTE_DTYPES, all_finite, as_input_pair, parse_get
 from .kernel import Kernel, Kernels, Layout
 from .paths import straightforward
 from .requirements import network_needs
+from .side_inputs import check_adjacency, check_mask
 from .tiling import plan_tiles
 
 #: Pairs of examples in one tile of a dense network (2 MiB per moment in float64; a
@@ -93,8 +94,11 @@ def compute_kernels(
     spatial: str = "auto",
     dtype: torch.dtype | None = None,
     progress: bool | None = None,
+    masks: tuple[object, object] = (None, None),
+    adjacencies: tuple[object, object] = (None, None),
 ) -> torch.Tensor | Kernels:
-    """``net.kernel(x1, x2, get, spatial=spatial, dtype=dtype, progress=progress)``:
+    """``net.kernel(x1, x2, get, spatial=spatial, dtype=dtype, progress=progress,
+    mask1=masks[0], mask2=masks[1], adjacency1=adjacencies[0], adjacency2=adjacencies[1])``:
     see :meth:`widenets.Layer.kernel` for the arguments and the result."""
     names = parse_get(get)
     progress = check_progress(progress)
@@ -112,12 +116,39 @@ def compute_kernels(
             "x1 must be (N, features), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got "
             f"shape {tuple(t1.shape)}"
         )
+    side = checked_side_inputs(t1, t2, masks, adjacencies)
     if tracks_gradients(net, t1, t2):
         # the fast paths overwrite intermediate results in place, which autograd forbids
         with straightforward():
             return compute_kernel_tiles(net, t1, t2, get, names, spatial, progress,
-                                        recorded=True)
-    return compute_kernel_tiles(net, t1, t2, get, names, spatial, progress)
+                                        recorded=True, side_inputs=side)
+    return compute_kernel_tiles(net, t1, t2, get, names, spatial, progress, side_inputs=side)
+
+
+#: Checked masks and adjacencies: ``(mask1, mask2, adjacency1, adjacency2)``, the
+#: second of each pair that of ``x2`` (``mask1``'s and ``adjacency1``'s when ``x2`` is
+#: ``None``).
+SideInputs = tuple[torch.Tensor | None, ...]
+
+
+def checked_side_inputs(
+    t1: torch.Tensor, t2: torch.Tensor | None, masks: tuple[object, object],
+    adjacencies: tuple[object, object],
+) -> SideInputs:
+    """The masks and adjacencies of ``net.kernel``, checked against the inputs."""
+    if t2 is None:
+        for value, name, first in ((masks[1], "mask2", "mask1"),
+                                   (adjacencies[1], "adjacency2", "adjacency1")):
+            if value is not None:
+                raise ValueError(f"{name} is for x2, which is None: {first} serves both")
+    mask1 = check_mask(masks[0], t1, "mask1")
+    adjacency1 = check_adjacency(adjacencies[0], t1, "adjacency1")
+    if t2 is None:
+        return mask1, mask1, adjacency1, adjacency1
+    if (adjacency1 is None) != (adjacencies[1] is None):
+        raise ValueError("adjacency1 and adjacency2 must be given together when x2 is given")
+    return (mask1, check_mask(masks[1], t2, "mask2"), adjacency1,
+            check_adjacency(adjacencies[1], t2, "adjacency2"))
 
 
 def tracks_gradients(net: Any, x1: object, x2: object) -> bool:
@@ -141,6 +172,7 @@ def compute_kernel_tiles(
     spatial: str,
     progress: bool | None,
     recorded: bool = False,
+    side_inputs: SideInputs = (None, None, None, None),
 ) -> torch.Tensor | Kernels:
     """The kernels of checked inputs, tile by tile (see :func:`compute_kernels`).
 
@@ -164,8 +196,10 @@ def compute_kernel_tiles(
         for tile in tiles:
             rows, cols = tile.rows, tile.cols
             diagonal = t2 is None and tile.is_diagonal
+            tile_side = tuple(None if value is None else value[span]
+                              for value, span in zip(side_inputs, (rows, cols, rows, cols)))
             block = kernel_block(net, t1[rows], None if diagonal else second[cols], names,
-                                 paired)
+                                 paired, tile_side)
             for name in names:
                 check_finite_kernel(block[name], name)
             if recorded:
@@ -205,10 +239,16 @@ def spatial_layout(net: Any, spatial: object, x: torch.Tensor) -> bool:
     return x.ndim > 2 and (spatial == "full" or needs_full)
 
 def kernel_block(
-    net: Any, x1: torch.Tensor, x2: torch.Tensor | None, names: tuple[str, ...], paired: bool
+    net: Any, x1: torch.Tensor, x2: torch.Tensor | None, names: tuple[str, ...], paired: bool,
+    side: SideInputs = (None, None, None, None),
 ) -> dict[str, torch.Tensor]:
-    """The requested kernels of one tile (``x2=None``: a symmetric diagonal tile)."""
-    initial = Kernel.from_inputs(x1, x2, with_ntk="ntk" in names, paired=paired)
+    """The requested kernels of one tile (``x2=None``: a symmetric diagonal tile), with
+    the tile's masks and adjacencies ``side`` (of ``x2`` ignored when it is ``None``)."""
+    mask1, mask2, adjacency1, adjacency2 = side
+    if x2 is None:
+        mask2 = adjacency2 = None
+    initial = Kernel.from_inputs(x1, x2, with_ntk="ntk" in names, paired=paired,
+                                 masks=(mask1, mask2), adjacencies=(adjacency1, adjacency2))
     check_finite_inputs_kernel(initial, x1, x2)
     state = net.transform(initial)
     if not isinstance(state, Kernel):

@@ -27,15 +27,35 @@ def records_gradients(*tensors: Tensor) -> bool:
 
 
 def inverse_sqrt(q: Tensor) -> Tensor:
-    """``1 / sqrt(q)``, and 0 where the variance ``q`` is 0 (the correlation is then 0)."""
-    return torch.where(q > 0, torch.rsqrt(q), torch.zeros_like(q))
+    """``1 / sqrt(q)``, and 0 where the variance ``q`` is 0 (the correlation is then 0).
+
+    The square root is taken of 1 where ``q`` is 0: otherwise its infinite derivative
+    there, times the zero that ``where`` passes back, would make a NaN gradient."""
+    positive = q > 0
+    return torch.where(positive, torch.rsqrt(torch.where(positive, q, 1.0)), 0.0)
+
+
+def root_variance(q: Tensor) -> Tensor:
+    """``sqrt(q)`` of a variance, with gradient 0 (not infinite) where ``q`` is 0.
+
+    A position of variance exactly 0 (a masked one, or an input position that is exactly
+    0 with no bias before it) then passes finite gradients. For a masked position they
+    are exact (the entry is multiplied by 0). For an unmasked zero position the maps,
+    written in variances and correlations, see a cone point (``sqrt(q) = |x|``) and take
+    0 for the derivatives through ``sqrt(q)`` and through the correlation (see
+    :func:`inverse_sqrt`): the mean of the one-sided values for the ReLU family, whose
+    kernel is not differentiable there, but a missing term for activations whose kernel
+    is smooth there (``Sin``, ``Cos``, ``Rbf``, ``Erf`` with a shift, ...)."""
+    positive = q > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, q, 1.0)), 0.0)
 
 
 def geometric_mean(q1: Tensor, q2: Tensor) -> Tensor:
     """``sqrt(q1 q2)`` for variances ``q1, q2 >= 0``, as ``max sqrt(min / max)``: no overflow
     or underflow of the product, and exactly ``q`` when ``q1 = q2 = q``."""
     high, low = torch.maximum(q1, q2), torch.minimum(q1, q2)
-    return torch.where(high > 0, high * torch.sqrt(low / high), torch.zeros_like(high))
+    positive = high > 0  # (a safe divisor elsewhere: see inverse_sqrt)
+    return torch.where(positive, high * torch.sqrt(low / torch.where(positive, high, 1.0)), 0.0)
 
 
 def correlation(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
@@ -136,7 +156,13 @@ def rectified_monomial_moments(order: int, q1: Tensor, q2: Tensor, rho: Tensor) 
     angular = arc_cosine_j(order, rho) / (2 * math.pi)
     if order == 0:
         return angular * _both_nonzero(q1, q2)
-    return q1 ** (order / 2) * q2 ** (order / 2) * angular
+    return _half_power(q1, order) * _half_power(q2, order) * angular
+
+
+def _half_power(q: Tensor, order: int) -> Tensor:
+    """``q^(order / 2)`` of a variance, differentiable at 0 as :func:`root_variance`."""
+    whole = q ** (order // 2) if order > 1 else torch.ones_like(q)
+    return whole * root_variance(q) if order % 2 else whole
 
 
 def _both_nonzero(q1: Tensor, q2: Tensor) -> Tensor:
@@ -178,14 +204,14 @@ def ab_relu_maps(
     scale = (a - b) ** 2 / (2 * math.pi)
     moments = torch.sin(angle_from_pi).addcmul_(angle_from_pi, rho)
     if a * b == 0:
-        moments.mul_(torch.sqrt(q1) * scale).mul_(torch.sqrt(q2))
+        moments.mul_(root_variance(q1) * scale).mul_(root_variance(q2))
     else:
         product = a * b
         if isinstance(product, Tensor):  # (alpha= takes only a number)
-            moments = (moments * scale + product * rho) * torch.sqrt(q1) * torch.sqrt(q2)
+            moments = (moments * scale + product * rho) * root_variance(q1) * root_variance(q2)
         else:
-            moments.mul_(scale).add_(rho, alpha=product).mul_(torch.sqrt(q1)).mul_(
-                torch.sqrt(q2))
+            moments.mul_(scale).add_(rho, alpha=product).mul_(root_variance(q1)).mul_(
+                root_variance(q2))
     if not with_derivative:
         return moments, None
     derivative = angle_from_pi.mul_(scale)
@@ -374,7 +400,7 @@ def squared_distance(q1: Tensor, q2: Tensor, rho: Tensor, sign: float = -1.0) ->
     A sum of non-negative terms: the textbook form cancels for nearly equal inputs (for
     ``q = 1e16`` its rounding alone is of order 1, where the true distance may be 0).
     """
-    root1, root2 = torch.sqrt(q1), torch.sqrt(q2)
+    root1, root2 = root_variance(q1), root_variance(q2)
     return (root1 - root2) ** 2 + 2 * root1 * root2 * (1.0 + sign * rho)
 
 
@@ -466,7 +492,7 @@ def quadrature_moments(
     shape = torch.broadcast_shapes(q1.shape, q2.shape, rho.shape)
     q1, q2, rho = (t.expand(shape) for t in (q1, q2, rho))
     nodes, weights = hermite_rule(degree, rho.dtype, rho.device)
-    flat = [t.reshape(-1) for t in (torch.sqrt(q1), torch.sqrt(q2), rho, _sin_angle(rho))]
+    flat = [t.reshape(-1) for t in (root_variance(q1), root_variance(q2), rho, _sin_angle(rho))]
     out = torch.empty(flat[0].shape, dtype=rho.dtype, device=rho.device)
     step = max(1, max_elements // (degree * degree))
     for start in range(0, out.numel(), step):

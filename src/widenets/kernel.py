@@ -85,6 +85,26 @@ class Layout:
             moments = torch.diagonal(moments, dim1=lead, dim2=lead + 1)
         return moments
 
+    def as_matrix(self, moments: torch.Tensor) -> torch.Tensor:
+        """Paired moments ``(lead..., H, H', W, W')`` as matrices ``(lead..., P, P')`` over
+        the positions of the two inputs, each in row-major order (a copy)."""
+        lead = moments.ndim - self.ndim
+        count = len(self.sizes)
+        order = [*range(lead), *(lead + 2 * d for d in range(count)),
+                 *(lead + 2 * d + 1 for d in range(count))]
+        positions = math.prod(self.sizes)
+        return moments.permute(order).reshape(*moments.shape[:lead], positions, positions)
+
+    def from_matrix(self, matrices: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`as_matrix`: ``(lead..., P, P')`` as paired moments."""
+        lead = matrices.ndim - 2
+        count = len(self.sizes)
+        grouped = matrices.reshape(*matrices.shape[:lead], *self.sizes, *self.sizes)
+        order = [*range(lead)]
+        for d in range(count):
+            order += [lead + d, lead + count + d]
+        return grouped.permute(order).contiguous()
+
     def as_first(self, per_position: torch.Tensor) -> torch.Tensor:
         """Per-position values ``(lead..., *sizes)`` broadcast along the first image's axes."""
         return self._spread(per_position, first=True)
@@ -125,6 +145,16 @@ class Kernel:
     #: the input features (``Linear`` with a vector ``W_std`` or ``W_cov``); dropped by
     #: :meth:`replace`, so that only the state built from the inputs carries them.
     raw_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    #: The real positions of ``x1`` and ``x2`` (boolean ``(N, *sizes)``, see
+    #: :mod:`widenets.side_inputs`), ``None`` when all are real; in the symmetric case
+    #: ``mask1`` serves both. Kept by :meth:`replace` (layers that drop the positions
+    #: drop them).
+    mask1: torch.Tensor | None = None
+    mask2: torch.Tensor | None = None
+    #: Dense ``(N, P, P)`` graph adjacencies of ``x1`` and ``x2`` for ``Aggregate``
+    #: (``adjacency1`` serves both in the symmetric case), or ``None``.
+    adjacency1: torch.Tensor | None = None
+    adjacency2: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -135,6 +165,50 @@ class Kernel:
     def var2_or_var1(self) -> torch.Tensor:
         """The diagonal of the second batch (``var1`` in the symmetric case)."""
         return self.var1 if self.var2 is None else self.var2
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether some position of ``x1`` or ``x2`` is marked as padding."""
+        return self.mask1 is not None or (not self.symmetric and self.mask2 is not None)
+
+    @property
+    def second_mask(self) -> torch.Tensor | None:
+        """The mask of the second batch (``mask1`` in the symmetric case)."""
+        return self.mask1 if self.symmetric else self.mask2
+
+    @property
+    def second_adjacency(self) -> torch.Tensor | None:
+        """The adjacency of the second batch (``adjacency1`` in the symmetric case)."""
+        return self.adjacency1 if self.symmetric else self.adjacency2
+
+    def masked(self) -> Kernel:
+        """This kernel with every entry that involves a masked position set to 0 (itself
+        when nothing is masked or there are no positions). Out of place, so autograd can
+        record it."""
+        if not self.has_masks or not self.layout.sizes:
+            return self
+        layout, dtype = self.layout, self.nngp.dtype
+
+        def real(mask: torch.Tensor | None, n: int) -> torch.Tensor:
+            if mask is None:
+                return torch.ones(n, *layout.sizes, dtype=dtype, device=self.nngp.device)
+            return mask.to(dtype)
+
+        real1 = real(self.mask1, self.var1.shape[0])
+        real2 = real(self.second_mask, self.var2_or_var1.shape[0])
+        first, second = self.pair_broadcast(real1, real2)
+
+        def on_self(var: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return var * (layout.as_first(mask) * layout.as_second(mask))
+
+        pair = first * second
+        return dataclasses.replace(
+            self,
+            nngp=self.nngp * pair,
+            ntk=None if self.ntk is None else self.ntk * pair,
+            var1=on_self(self.var1, real1),
+            var2=None if self.var2 is None else on_self(self.var2, real2),
+        )
 
     def replace(self, **changes: Any) -> Kernel:
         """A copy with some fields changed (without the raw inputs unless given)."""
@@ -184,15 +258,32 @@ class Kernel:
         x2: torch.Tensor | None,
         with_ntk: bool,
         paired: bool = False,
+        masks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+        adjacencies: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> Kernel:
         """The kernel of the raw inputs: ``x . x' / d`` for vectors ``(N, d)``; for images
         ``(N, C, *sizes)`` the channel mean ``sum_c x[c, p] x'[c, p'] / C`` per pair of
         positions (``paired``) or per position.
 
-        The inputs are deterministic, so the NTK (no parameters yet) is zero.
+        The inputs are deterministic, so the NTK (no parameters yet) is zero. ``masks``
+        and ``adjacencies`` (checked by :mod:`widenets.side_inputs`; the second ``None``
+        when ``x2`` is ``None``) are carried along, and masked positions count as zeros.
         """
         if x1.ndim == 2:
             return cls._dense_from_inputs(x1, x2, with_ntk)
+        mask1, mask2 = masks
+        if mask1 is not None:
+            x1 = x1 * mask1.unsqueeze(1).to(x1.dtype)
+        if x2 is not None and mask2 is not None:
+            x2 = x2 * mask2.unsqueeze(1).to(x2.dtype)
+        kernel = cls._positional_from_inputs(x1, x2, with_ntk, paired)
+        return dataclasses.replace(kernel, mask1=mask1, mask2=mask2,
+                                   adjacency1=adjacencies[0], adjacency2=adjacencies[1])
+
+    @classmethod
+    def _positional_from_inputs(
+        cls, x1: torch.Tensor, x2: torch.Tensor | None, with_ntk: bool, paired: bool
+    ) -> Kernel:
         channels, sizes = x1.shape[1], tuple(x1.shape[2:])
         layout = Layout(sizes, paired)
         first = x1.flatten(2)

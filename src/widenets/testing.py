@@ -55,6 +55,16 @@ inputs together):
     (1e-10) relative to ``sqrt(K_ii K_jj)``. For images, when the network accepts
     ``spatial="diagonal"`` (its positions reach the read-out only through ``Flatten``),
     ``"full"`` and ``"diagonal"`` agree to ``LAYOUT_RTOL`` (1e-12).
+    Noise on self-pairs: a network with a layer whose attribute ``noise_on_self_pairs``
+    is true (``Dropout`` with ``p > 0``: its twin draws a fresh mask for every
+    example in each forward pass) has extra variance on the entries that pair an input
+    with itself in one call, so ``kernel(x1, None)`` is larger than ``kernel(x1, x1)``
+    (two calls) on its diagonal, and two identical inputs are two examples with
+    independent noise. For such networks (:func:`has_noise_on_self_pairs`) the kit
+    compares ``kernel(x1, None)`` with ``kernel(x1, x1)`` off the diagonal only, checks
+    instead that ``kernel(x1, x1)`` equals the off-diagonal block of the kernel of
+    ``[x1; x1]``, and compares the rows of identical inputs ``i, j`` off the columns
+    ``i, j``, with ``K_ii = K_jj``.
 ``"fast_paths"`` (:func:`check_fast_paths`)
     The fast paths equal the straightforward ones (``widenets.paths.straightforward()``)
     to ``FAST_PATH_RTOL`` (1e-10) relative to ``sqrt(K_ii K_jj)``, with ``x2`` given
@@ -82,7 +92,10 @@ inputs together):
     fan-in or padding), not small errors: the ``"maps"`` check is the precise one for
     activations. The NTK keeps the network's read-out (one output by default); the NNGP
     widens the read-out too, because the empirical NNGP of few outputs is a product of
-    Gaussians whose noise does not shrink with the width.
+    Gaussians whose noise does not shrink with the width. For a network with noise on
+    self-pairs the noise is drawn from torch's global generator, seeded and restored, and
+    the NTK of a twin is the Jacobian of one forward pass of the whole batch (masks
+    fixed across the derivatives; ``monte_carlo_kernel`` cannot do this).
 ``"maps"`` (:func:`check_activation_maps`, activations only)
     ``nngp_map`` and ``derivative_map`` equal ``E[phi(u) phi(v)]`` and ``E[phi'(u)
     phi'(v)]`` (``phi = apply``, ``phi'`` by autograd) of correlated Gaussians to
@@ -110,6 +123,7 @@ for such tiny inputs), most of it in the Monte Carlo check.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -134,6 +148,7 @@ from .layers import (
     ReLU,
     Sequential,
 )
+from .layers.derived import DerivedSideInputs, SideInputsFunction, example_graphs, example_masks
 from .monte_carlo import monte_carlo_kernel
 from .paths import straightforward
 from .specs import NotCanonicalError, from_spec
@@ -143,7 +158,9 @@ __all__ = [
     "MAPS_SIGMAS", "MIN_IMPROVEMENT", "MONTE_CARLO_BOUND", "PSD_RTOL",
     "check_activation", "check_activation_maps", "check_bad_inputs", "check_consistency",
     "check_fast_paths", "check_float32", "check_kernels", "check_layer", "check_monte_carlo",
-    "check_network", "check_pickle", "check_spec", "example_inputs", "holds_local_functions",
+    "check_network", "check_pickle", "check_spec", "example_graphs", "example_inputs",
+    "example_masks", "has_noise_on_self_pairs",
+    "holds_local_functions",
 ]
 
 #: The checks :func:`check_layer` and :func:`check_activation` run, in this order
@@ -179,6 +196,17 @@ _CONVOLUTIONS = {1: Conv1d, 2: Conv2d, 3: Conv3d}
 # ------------------------------------------------------------------ helpers
 def _fail(message: str) -> NoReturn:
     raise AssertionError(message)
+
+
+def has_noise_on_self_pairs(net: Layer) -> bool:
+    """Whether a layer of ``net`` (itself or a sublayer, :meth:`~widenets.Layer.walk`)
+    declares ``noise_on_self_pairs = True``: its finite twin draws fresh noise for every
+    example in each forward pass (``Dropout``), so ``kernel(x1)`` carries extra variance on
+    the entries that pair an input with itself, which ``kernel(x1, x1)`` (two calls,
+    independent noise) does not. The kit then adapts the checks that compare these (see
+    the module docstring). A layer declares it as a class attribute or a property; it
+    is looked up with ``getattr``, so layers without it are noise-free."""
+    return any(getattr(layer, "noise_on_self_pairs", False) for layer in net.walk())
 
 
 def _kernels(net: Layer, x1, x2=None, **kwargs) -> dict[str, torch.Tensor]:
@@ -244,6 +272,7 @@ def check_kernels(net: Layer, x: torch.Tensor) -> dict[str, float]:
     x = _as_tensor(x)
     n = x.shape[0]
     k = _kernels(net, x)
+    noisy = has_noise_on_self_pairs(net)
     measured = {}
     for name, matrix in k.items():
         where = f"{name.upper()} of {_describe(net)}"
@@ -268,7 +297,11 @@ def check_kernels(net: Layer, x: torch.Tensor) -> dict[str, float]:
         for i in range(n):
             for j in range(i + 1, n):
                 if torch.equal(x[i], x[j]):
-                    error = float(((matrix[i] - matrix[j]).abs() / scale[i]).max())
+                    difference = (matrix[i] - matrix[j]).abs() / scale[i]
+                    if noisy:  # the noise on the diagonal: K_ii vs K_jj, K_ij vs K_ji
+                        difference[i] = (matrix[i, i] - matrix[j, j]).abs() / scale[i, i]
+                        difference[j] = 0.0
+                    error = float(difference.max())
                     if error > CONSISTENCY_RTOL:
                         _fail(f"{where}: inputs {i} and {j} are identical but their rows "
                               f"differ by {error:.3g} of sqrt(K_ii K_jj)")
@@ -280,7 +313,10 @@ def check_consistency(net: Layer, x1: torch.Tensor, x2: torch.Tensor) -> dict[st
     ``sqrt(K_ii K_jj)``): ``x2=None`` and ``x2=x1``; ``kernel(x1, x2)``, ``kernel(x2,
     x1).T`` and the blocks of the kernel of ``[x1; x2]``; ``get`` as a tuple and as single
     names. For images, ``spatial="full"`` and ``"diagonal"`` agree to ``LAYOUT_RTOL``
-    wherever the network accepts ``"diagonal"``.
+    wherever the network accepts ``"diagonal"``. For a network with noise on self-pairs
+    (:func:`has_noise_on_self_pairs`), ``x2=None`` and ``x2=x1`` agree off the diagonal
+    only, and ``kernel(x1, x1)`` equals the off-diagonal block of the kernel of ``[x1;
+    x1]`` (two calls see independent noise, as two examples of one call do).
 
     Returns the largest normalised difference of each comparison.
     """
@@ -291,6 +327,8 @@ def check_consistency(net: Layer, x1: torch.Tensor, x2: torch.Tensor) -> dict[st
     given_self = _kernels(net, x1, x1)
     cross = _kernels(net, x1, x2)
     transposed = _kernels(net, x2, x1)
+    noisy = has_noise_on_self_pairs(net)
+    doubled = _kernels(net, torch.cat([x1, x1])) if noisy else {}
     measured: dict[str, float] = {}
 
     def compare(label: str, got, expected, scale, rtol=CONSISTENCY_RTOL) -> None:
@@ -306,7 +344,14 @@ def check_consistency(net: Layer, x1: torch.Tensor, x2: torch.Tensor) -> dict[st
     for name in KERNEL_NAMES:
         own = _scales(joint[name], n1, slice(0, n1))
         between = _scales(joint[name], n1, slice(n1, None))
-        compare(f"{name}: x2=None vs x2=x1", given_self[name], symmetric[name], own)
+        if noisy:
+            off_diagonal = ~torch.eye(n1, dtype=torch.bool, device=x1.device)
+            compare(f"{name}: x2=None vs x2=x1 off the diagonal", given_self[name][off_diagonal],
+                    symmetric[name][off_diagonal], own[off_diagonal])
+            compare(f"{name}: x2=x1 vs the off-diagonal block of [x1; x1]", given_self[name],
+                    doubled[name][:n1, n1:], own)
+        else:
+            compare(f"{name}: x2=None vs x2=x1", given_self[name], symmetric[name], own)
         compare(f"{name}: x2=None vs block of [x1; x2]", symmetric[name],
                 joint[name][:n1, :n1], own)
         compare(f"{name}: kernel(x1, x2) vs block of [x1; x2]", cross[name],
@@ -456,6 +501,54 @@ def _normalised_rms(estimate: torch.Tensor, exact: torch.Tensor) -> float:
     return float((((estimate - exact) / scale) ** 2).mean().sqrt())
 
 
+@contextlib.contextmanager
+def _global_rng_seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """With ``seed``: torch's global generator (of ``device``) seeded with it, and restored
+    afterwards; the noise of a twin such as ``nn.Dropout`` is drawn from it."""
+    if seed is None:
+        yield
+        return
+    if device.type == "cpu":  # only the CPU generator is forked and seeded
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+    else:  # the CPU and every device of this type
+        with torch.random.fork_rng(device_type=device.type):
+            torch.manual_seed(seed)
+            yield
+
+
+def _one_pass_ntk(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The empirical NTK ``(N, N)`` (mean over outputs) of ``model`` on ``x`` from the
+    Jacobian of ONE forward pass of the whole batch: the noise drawn in that pass (dropout
+    masks, one per example) is the same in every derivative."""
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def outputs(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.func.functional_call(model, parameters, (x,))
+        return out.reshape(x.shape[0], -1)
+
+    jacobians = torch.func.jacrev(outputs)(params)
+    n = x.shape[0]
+    n_out = next(iter(jacobians.values())).shape[1]  # a twin has weights (checked before)
+    kernel = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    for jacobian in jacobians.values():
+        flat = jacobian.reshape(n, n_out, -1)
+        kernel = kernel + torch.einsum("aoq,boq->ab", flat, flat)
+    return kernel / n_out
+
+
+def _noisy_monte_carlo_ntk(
+    net: Layer, x: torch.Tensor, n_samples: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``monte_carlo_kernel(net, x, get="ntk")`` with :func:`_one_pass_ntk` per twin."""
+    total = torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
+    for _ in range(n_samples):
+        model = net.build(tuple(x.shape[1:]), generator, dtype=x.dtype, device=x.device)
+        total = total + _one_pass_ntk(model, x)
+    return total / n_samples
+
+
 def check_monte_carlo(
     net: Layer,
     x1: torch.Tensor,
@@ -487,6 +580,15 @@ def check_monte_carlo(
       sqrt(W * n_estimates[1] * n_samples)`` (default :data:`MONTE_CARLO_BOUND`): what
       it converges to is the kernel, to within the Monte Carlo noise of those twins.
 
+    For a network with noise on self-pairs (:func:`has_noise_on_self_pairs`, e.g.
+    ``Dropout``) the twins draw their noise from torch's global generator, which is
+    seeded with ``seed`` for the estimates and restored afterwards; the NNGP estimate is
+    one forward pass of ``x`` per twin (each example its own mask, as the kernel of
+    ``x2=None`` assumes), and the NTK estimate is the Jacobian of one forward pass of the
+    whole batch per twin (:func:`_one_pass_ntk`), so that the masks are the same in
+    every derivative: ``empirical_ntk`` evaluates the model per example under
+    ``torch.func.vmap``, which refuses random operations.
+
     Deterministic: the same seeds give the same errors.
 
     Returns ``{kernel: {"narrow": typical error at w, "wide": at W, "mean": error of the
@@ -494,6 +596,7 @@ def check_monte_carlo(
     """
     names = (get,) if isinstance(get, str) else tuple(get)
     bound = MONTE_CARLO_BOUND if bound is None else {**MONTE_CARLO_BOUND, **bound}
+    noisy = has_noise_on_self_pairs(net)
     x = _joint(_as_tensor(x1), None if x2 is None else _as_tensor(x2))
     if width is None:
         width = 4 if x.ndim == 2 else 2
@@ -512,9 +615,14 @@ def check_monte_carlo(
             exact = twin_net.kernel(x, get=name)
             generator = torch.Generator().manual_seed(seed)
             squared, total = 0.0, torch.zeros_like(exact)
-            for _ in range(estimates):
-                estimate = monte_carlo_kernel(twin_net, x, get=name, n_samples=n_samples,
-                                              generator=generator)
+            with _global_rng_seeded(seed if noisy else None, x.device):
+                samples = [
+                    _noisy_monte_carlo_ntk(twin_net, x, n_samples, generator)
+                    if noisy and name == "ntk" else
+                    monte_carlo_kernel(twin_net, x, get=name, n_samples=n_samples,
+                                       generator=generator)
+                    for _ in range(estimates)]
+            for estimate in samples:
                 if estimate.shape != exact.shape:
                     _fail(f"Monte Carlo {name.upper()} has shape {tuple(estimate.shape)}, the "
                           f"exact one {tuple(exact.shape)}")
@@ -893,6 +1001,7 @@ def check_layer(
     monte_carlo: dict | None = None,
     W_std: float = 1.5,
     b_std: float | None = 0.1,
+    side_inputs: SideInputsFunction | None = None,
 ) -> dict[str, object]:
     """Check ``layer`` in the network ``Sequential(*before, layer, *after)``.
 
@@ -905,6 +1014,9 @@ def check_layer(
     ``(features,)`` or ``(C, *sizes)``. ``inputs``: ``(x1, x2)`` instead of
     :func:`example_inputs`. ``checks``: some of :data:`CHECKS` (``"maps"`` is ignored
     here). ``monte_carlo``: keyword arguments of :func:`check_monte_carlo`.
+    ``side_inputs``: for a layer that needs masks or graphs, a function of a batch that
+    returns them (:func:`example_masks`, :func:`example_graphs` or one of your own, see
+    :class:`~widenets.layers.derived.DerivedSideInputs`); every check then runs with them.
 
     Returns what each check measured, by check name.
     """
@@ -915,7 +1027,9 @@ def check_layer(
         before = _default_before(input_shape, 8, W_std, b_std)
     if after is None:
         after = _default_after(input_shape, W_std, b_std)
-    net = Sequential(*before, layer, *after)
+    net: Layer = Sequential(*before, layer, *after)
+    if side_inputs is not None:
+        net = DerivedSideInputs(net, side_inputs)
     x1, x2 = example_inputs(input_shape) if inputs is None else inputs
     chosen = tuple(c for c in _selected(checks) if c != "maps")
     return check_network(net, x1, x2, checks=chosen, monte_carlo=monte_carlo, layers=(layer,))

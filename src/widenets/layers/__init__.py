@@ -29,13 +29,15 @@ from .combinators import (
 )
 from .conv import Conv1d, Conv2d, Conv3d
 from .dense import Linear
+from .dropout import Dropout
+from .graph import Aggregate
 from .normalization import LayerNorm
 from .pooling import AvgPool1d, AvgPool2d, AvgPool3d, Flatten, GlobalAvgPool
 
 __all__ = [
-    "ABReLU", "Abs", "Activation", "Cos", "Elementwise", "Erf", "GELU", "Identity",
-    "LeakyReLU", "Rbf", "RectifiedMonomial", "ReLU", "Sign", "Sin", "Step", "Layer",
-    "FanInConcat", "FanInProd", "FanInSum", "FanOut", "Parallel", "Residual",
-    "Sequential", "Linear", "LayerNorm", "Conv1d", "Conv2d", "Conv3d", "AvgPool1d",
-    "AvgPool2d", "AvgPool3d", "Flatten", "GlobalAvgPool",
+    "Aggregate", "Dropout", "ABReLU", "Abs", "Activation", "Cos", "Elementwise", "Erf", "GELU",
+    "Identity", "LeakyReLU", "Rbf", "RectifiedMonomial", "ReLU", "Sign", "Sin", "Step", "Layer",
+    "FanInConcat", "FanInProd", "FanInSum", "FanOut", "Parallel", "Residual", "Sequential",
+    "Linear", "LayerNorm", "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "Flatten", "GlobalAvgPool",
 ]

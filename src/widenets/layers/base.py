@@ -59,7 +59,10 @@ class Layer:
         ``ValueError`` that says what to change otherwise). Combinators apply their
         sublayers through it."""
         check_input(self, k)
-        return self.kernel_rule(k)
+        state = self.kernel_rule(k)
+        # entries that involve a masked position are 0 after every layer (combinators'
+        # sublayers have done it)
+        return state if self.sublayers() else _masked(state)
 
     # ----------------------------------------------------------------- public API
     @overload
@@ -72,6 +75,10 @@ class Layer:
         spatial: str = "auto",
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
+        mask1: object | None = None,
+        mask2: object | None = None,
+        adjacency1: object | None = None,
+        adjacency2: object | None = None,
     ) -> torch.Tensor: ...
 
     @overload
@@ -84,6 +91,10 @@ class Layer:
         spatial: str = "auto",
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
+        mask1: object | None = None,
+        mask2: object | None = None,
+        adjacency1: object | None = None,
+        adjacency2: object | None = None,
     ) -> Kernels: ...
 
     @overload
@@ -96,6 +107,10 @@ class Layer:
         spatial: str = "auto",
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
+        mask1: object | None = None,
+        mask2: object | None = None,
+        adjacency1: object | None = None,
+        adjacency2: object | None = None,
     ) -> Kernels: ...
 
     def kernel(
@@ -107,6 +122,10 @@ class Layer:
         spatial: str = "auto",
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
+        mask1: object | None = None,
+        mask2: object | None = None,
+        adjacency1: object | None = None,
+        adjacency2: object | None = None,
     ) -> torch.Tensor | Kernels:
         """The infinite-width kernel(s) between ``x1`` and ``x2`` (``None``: ``x1``).
 
@@ -130,6 +149,18 @@ class Layer:
             progress: a tqdm bar over the tiles on stderr: ``True`` always, ``False``
                 never, ``None`` (default) only for a call of several tiles that is still
                 running after 2 seconds (``engine.PROGRESS_DELAY``).
+            mask1, mask2: the real positions of inputs with positions, boolean
+                ``(N, *positions)`` (``True`` for a real position; an integer 0/1 tensor
+                such as Hugging Face's ``attention_mask`` works too), ``None`` when all
+                are real. Masked positions count as zeros, every kernel entry that
+                involves one is 0 after each layer, attention ignores them as keys and
+                global pooling averages over real positions only, so padding changes
+                no entry of real positions (see :mod:`widenets.side_inputs`). With
+                ``x2=None``, ``mask1`` serves both.
+            adjacency1, adjacency2: one graph per example for
+                :class:`~widenets.Aggregate`, dense ``(N, P, P)`` or an integer
+                ``(N, E, 2)`` edge list over the ``P`` positions (nodes); with
+                ``x2=None``, ``adjacency1`` serves both.
 
         Returns:
             An ``(N1, N2)`` tensor for a single name, else :class:`Kernels` with
@@ -141,7 +172,8 @@ class Layer:
         networks) or ``SPATIAL_TILE_ENTRIES`` (for images): memory stays bounded for
         any ``N1, N2``.
         """
-        return compute_kernels(self, x1, x2, get, spatial, dtype, progress)
+        return compute_kernels(self, x1, x2, get, spatial, dtype, progress,
+                               masks=(mask1, mask2), adjacencies=(adjacency1, adjacency2))
 
     def build(
         self,
@@ -262,6 +294,13 @@ class Layer:
             else:
                 parts.append(f"{name}={_value_repr(value)}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _masked(state: KernelState) -> KernelState:
+    """``Kernel.masked`` of one kernel or of each branch."""
+    if isinstance(state, Kernel):
+        return state.masked()
+    return tuple(_masked(branch) for branch in state)
 
 
 def _without_widths(spec: object) -> object:

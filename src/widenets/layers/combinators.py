@@ -18,6 +18,7 @@ from torch import nn
 from ..inputs import check_positive_int
 from ..kernel import Kernel
 from ..requirements import Needs
+from ..side_inputs import check_adjacency, check_mask, current_mask, finite_side_inputs
 from .activations import Identity
 from .base import KernelState, Layer, Shape, branch_states, single_shape
 
@@ -58,12 +59,39 @@ class Sequential(Layer):
 
 
 class SequentialModule(nn.ModuleList):
-    """Finite twin of :class:`Sequential`; passes tuples of branches through unchanged."""
+    """Finite twin of :class:`Sequential`; passes tuples of branches through unchanged.
 
-    def forward(self, x):
+    ``mask`` (the real positions, boolean ``(N, *positions)``) and ``adjacency`` (one
+    graph per example, dense ``(N, P, P)`` or an integer ``(N, E, 2)`` edge list) are
+    those of the kernels (``net.kernel(..., mask1=, adjacency1=)``): masked positions are
+    zeroed in the input and after every layer, attention and pooling skip them, and
+    ``Aggregate`` uses the graphs. Given to the outermost module, they reach the nested
+    ones.
+    """
+
+    def forward(self, x, mask=None, adjacency=None):
+        if mask is None and adjacency is None:
+            return self.run(x)
+        mask = check_mask(mask, x, "mask")
+        adjacency = check_adjacency(adjacency, x, "adjacency")
+        with finite_side_inputs(mask, adjacency):
+            return self.run(x)
+
+    def run(self, x):
+        """The forward pass with the side inputs already set (unchecked), by
+        ``widenets.side_inputs.finite_side_inputs`` or an enclosing call."""
+        x = _zero_masked(x)
         for module in self:
-            x = module(x)
+            x = _zero_masked(module(x))
         return x
+
+
+def _zero_masked(x):
+    """``x`` with the masked positions of the current batch set to 0 (tensors only)."""
+    if not isinstance(x, torch.Tensor):
+        return tuple(_zero_masked(branch) for branch in x)
+    mask = current_mask(x)
+    return x if mask is None else x * mask.unsqueeze(1).to(x.dtype)
 
 
 class Parallel(Layer):

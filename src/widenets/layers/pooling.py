@@ -17,6 +17,7 @@ from torch import nn
 
 from ..kernel import DENSE, Layout
 from ..requirements import Needs
+from ..side_inputs import current_mask
 from ..spatial import pad_images, padded_window_mean
 from .base import KernelState, Layer, Shape, single_kernel, single_shape
 from .conv import check_padding, check_window, window_paddings
@@ -48,6 +49,11 @@ class AvgPool(Layer):
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
+        if k.has_masks:
+            raise ValueError(
+                f"{type(self).__name__} changes the positions, which masks cannot follow; "
+                "with masks, pool with GlobalAvgPool (over the real positions)"
+            )
         pads = window_paddings(self, k.layout.sizes)
 
         def pool(moment: torch.Tensor) -> torch.Tensor:
@@ -117,7 +123,10 @@ class GlobalAvgPool(Layer):
     r"""The mean over all positions: ``(N, C, *sizes) -> (N, C)``.
 
     Kernel rule: ``K' = mean_{p, p'} K[p, p']`` (likewise ``T``), the covariance of the
-    two images' spatial means (Novak et al. 2019, Arora et al. 2019).
+    two images' spatial means (Novak et al. 2019, Arora et al. 2019). With masks the
+    means run over real positions only: ``K' = sum_{p, p'} K[p, p'] / (n1 n2)`` with
+    ``n1``, ``n2`` the real positions of the two inputs (masked entries are 0), as Neural
+    Tangents' masked pooling; the twin divides by the same counts.
     """
 
     needs = Needs(full_covariance=True)
@@ -126,7 +135,21 @@ class GlobalAvgPool(Layer):
         k = single_kernel(k, self)
         _check_spatial(len(k.layout.sizes), self)
         axes = tuple(range(-k.layout.ndim, 0))
-        return k.map_linear(lambda m: m.mean(dim=axes)).replace(layout=DENSE)
+        if not k.has_masks:
+            return k.map_linear(lambda m: m.mean(dim=axes)).replace(layout=DENSE)
+        count1, count2 = (real_positions(mask, var, k.layout.sizes)
+                          for mask, var in ((k.mask1, k.var1), (k.second_mask, k.var2_or_var1)))
+        pairs = count1.unsqueeze(1) * count2.unsqueeze(0)
+
+        def pooled(m: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            return m.sum(dim=axes) / counts
+
+        return k.replace(
+            nngp=pooled(k.nngp, pairs), ntk=None if k.ntk is None else pooled(k.ntk, pairs),
+            var1=pooled(k.var1, count1 * count1),
+            var2=None if k.var2 is None else pooled(k.var2, count2 * count2),
+            layout=DENSE, mask1=None, mask2=None, adjacency1=None, adjacency2=None,
+        )
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -136,11 +159,27 @@ class GlobalAvgPool(Layer):
         return FiniteGlobalAvgPool(), (shape[0],)
 
 
+def real_positions(mask: torch.Tensor | None, like: torch.Tensor, sizes: tuple[int, ...]
+                   ) -> torch.Tensor:
+    """The number of real positions of each example of a moment ``like`` (batch first):
+    ``mask``'s, or all ``prod(sizes)`` without one; in ``like``'s dtype."""
+    if mask is None:
+        return torch.full((like.shape[0],), float(math.prod(sizes)), dtype=like.dtype,
+                          device=like.device)
+    return mask.flatten(1).sum(dim=1).to(like.dtype)
+
+
 class FiniteGlobalAvgPool(nn.Module):
-    """The finite twin of :class:`GlobalAvgPool`."""
+    """The finite twin of :class:`GlobalAvgPool` (the mean over real positions when the
+    network is called with a mask)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=tuple(range(2, x.ndim)))
+        axes = tuple(range(2, x.ndim))
+        mask = current_mask(x)
+        if mask is None:
+            return x.mean(dim=axes)
+        real = mask.unsqueeze(1).to(x.dtype)
+        return (x * real).sum(dim=axes) / real.sum(dim=axes)
 
 
 class Flatten(Layer):
@@ -159,7 +198,9 @@ class Flatten(Layer):
         layout = k.layout
         axes = tuple(range(-len(layout.sizes), 0))
         flat = k.map_linear(lambda m: layout.positions(m).mean(dim=axes))
-        return flat.replace(layout=DENSE, width=k.width * math.prod(layout.sizes))
+        # masked positions are zero features of the flattened vector (as Neural Tangents)
+        return flat.replace(layout=DENSE, width=k.width * math.prod(layout.sizes),
+                            mask1=None, mask2=None, adjacency1=None, adjacency2=None)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
