@@ -264,3 +264,37 @@ def test_cuda_tile_budget_follows_free_memory(monkeypatch, spatial):
         monkeypatch.setattr(torch.cuda, "mem_get_info",
                             lambda device, free=free_bytes: (free, 80 << 30))
         assert engine.tile_budget(spatial, FakeCudaTensor()) == expected
+
+
+DILATED_WINDOW_CASES = [(size, window, stride, dilation, mode)
+                        for size, window, stride, dilation, mode in itertools.product(
+                            [6, 1], [2, 3], [1, 2], [2, 3], ["valid", "same", "circular"])
+                        if mode != "valid" or dilation * (window - 1) + 1 <= size]
+
+
+@pytest.mark.parametrize("size,window,stride,dilation,mode", DILATED_WINDOW_CASES)
+def test_dilated_window_sums_equal_padded_copies(size, window, stride, dilation, mode):
+    """Taps ``dilation`` apart (a dilated convolution): the in-place sums, and the recorded
+    node with its adjoint, equal the padded-copy formula."""
+    pad = padding(size, window, stride, mode, "test", 0, dilation)
+    t = torch.randn(2, size, size, 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(12))
+    dims = (1, 2)
+
+    def plain(t):
+        for dim in dims:
+            t = pad_axis(t, dim, pad)
+        return window_mean(t, dims, window, stride, pad.out, dilation)
+
+    fast = padded_window_mean(t, dims, window, stride, pad, dilation)
+    torch.testing.assert_close(fast, plain(t), rtol=1e-14, atol=1e-15)
+    t.requires_grad_(True)
+    recorded = padded_window_mean(t, dims, window, stride, pad, dilation)
+    assert recorded.grad_fn is not None
+    torch.testing.assert_close(recorded, plain(t), rtol=1e-14, atol=1e-15)
+    assert torch.autograd.gradcheck(
+        lambda t: padded_window_mean(t, dims, window, stride, pad, dilation), (t,))
+    expected = torch.autograd.functional.jacobian(plain, t)
+    got = torch.autograd.functional.jacobian(
+        lambda t: padded_window_mean(t, dims, window, stride, pad, dilation), t)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)

@@ -137,6 +137,11 @@ def test_bad_masks_are_refused():
                            wn.Linear(1))
     with pytest.raises(ValueError, match="AvgPool1d changes the positions"):
         pooled.kernel(x, None, mask1=mask)
+    for conv in (wn.Conv1d(4, 3, stride=2, padding="same"), wn.Conv1d(4, 3),
+                 wn.Conv1d(4, 3, padding="circular")):
+        with pytest.raises(ValueError, match="Conv1d with masks needs stride 1"):
+            wn.Sequential(conv, wn.ReLU(), wn.GlobalAvgPool(), wn.Linear(1)).kernel(
+                x, None, mask1=mask)
     twin = net.build((2, 5), dtype=torch.float64)
     with pytest.raises(ValueError, match="mask must have shape"):
         twin(x, mask=mask[:, :3])

@@ -181,12 +181,32 @@ def compute_kernel_tiles(
     once per tile, where that of a concatenation takes views.
     """
     paired = spatial_layout(net, spatial, t1)
+    try:
+        return _compute_tiles(net, t1, t2, get, names, paired, progress, recorded, side_inputs)
+    except PositionalOutput:
+        if spatial == "diagonal":
+            raise ValueError(
+                "the network's output keeps positions, whose kernel needs every pair of "
+                "them: use spatial='auto' or 'full'"
+            ) from None
+        return _compute_tiles(net, t1, t2, get, names, True, progress, recorded, side_inputs)
+
+
+def _compute_tiles(
+    net: Any,
+    t1: torch.Tensor,
+    t2: torch.Tensor | None,
+    get: str | Sequence[str],
+    names: tuple[str, ...],
+    paired: bool,
+    progress: bool | None,
+    recorded: bool,
+    side_inputs: SideInputs,
+) -> torch.Tensor | Kernels:
+    """:func:`compute_kernel_tiles` in a chosen layout."""
     layout = Layout(tuple(t1.shape[2:]), paired)
     second = t1 if t2 is None else t2
-    result = {
-        name: torch.empty(t1.shape[0], second.shape[0], dtype=t1.dtype, device=t1.device)
-        for name in names
-    }  # (replaced by the concatenated tiles when recorded)
+    result: dict[str, torch.Tensor] = {}  # allocated at the first tile (its shape)
     budget = tile_budget(bool(layout.sizes), t1)
     pairs_per_tile = max(1, budget // layout.positions_per_pair)
     side = max(1, math.isqrt(pairs_per_tile))
@@ -205,13 +225,16 @@ def compute_kernel_tiles(
             if recorded:
                 kept[tile.r0, tile.c0] = block
                 if t2 is None and not diagonal:
-                    kept[tile.c0, tile.r0] = {name: block[name].T for name in names}
+                    kept[tile.c0, tile.r0] = {name: transposed(block[name]) for name in names}
             else:
                 for name in names:
+                    if name not in result:
+                        result[name] = block[name].new_empty(
+                            (t1.shape[0], second.shape[0], *block[name].shape[2:]))
                     result[name][rows, cols] = block[name]
                     if t2 is None and not diagonal:
                         # a contiguous transposed copy takes torch's blocked transpose kernel
-                        result[name][cols, rows] = block[name].T.contiguous()
+                        result[name][cols, rows] = transposed(block[name]).contiguous()
             bar.update(1)
     if recorded and kept:
         row_starts = sorted({r0 for r0, _ in kept})
@@ -256,15 +279,29 @@ def kernel_block(
             f"the network ends with {len(state)} parallel branches; close them with "
             "FanInSum, FanInConcat or FanInProd"
         )
-    if state.layout.sizes:
-        raise ValueError(
-            f"the network's output still has {len(state.layout.sizes)} spatial axes; end "
-            "it with Flatten() or GlobalAvgPool() and a Linear read-out"
-        )
     # the NTK is carried exactly when it is requested (``with_ntk`` above)
     block = {"nngp": state.nngp} if state.ntk is None else {"nngp": state.nngp, "ntk": state.ntk}
-    return {name: 0.5 * (block[name] + block[name].T) if x2 is None else block[name]
+    if state.layout.sizes:
+        if not state.layout.paired:
+            raise PositionalOutput
+        # positional outputs: (n1, n2, *positions of x1, *positions of x2)
+        block = {name: state.layout.grouped(value) for name, value in block.items()}
+    return {name: 0.5 * (block[name] + transposed(block[name])) if x2 is None else block[name]
             for name in names}
+
+
+class PositionalOutput(Exception):
+    """The network's output keeps positions, whose kernel needs every pair of them (the
+    paired layout); raised by :func:`kernel_block` on the diagonal layout."""
+
+
+def transposed(block: torch.Tensor) -> torch.Tensor:
+    """The kernel block of the swapped inputs: ``(n2, n1)``, or for positional outputs
+    ``(n1, n2, *P1, *P2)`` as ``(n2, n1, *P2, *P1)``."""
+    if block.ndim == 2:
+        return block.T
+    count = (block.ndim - 2) // 2
+    return block.permute(1, 0, *range(2 + count, 2 + 2 * count), *range(2, 2 + count))
 
 
 def wider_dtype_hint(dtype: torch.dtype) -> str:

@@ -89,11 +89,16 @@ class Layout:
         """Paired moments ``(lead..., H, H', W, W')`` as matrices ``(lead..., P, P')`` over
         the positions of the two inputs, each in row-major order (a copy)."""
         lead = moments.ndim - self.ndim
-        count = len(self.sizes)
-        order = [*range(lead), *(lead + 2 * d for d in range(count)),
-                 *(lead + 2 * d + 1 for d in range(count))]
         positions = math.prod(self.sizes)
-        return moments.permute(order).reshape(*moments.shape[:lead], positions, positions)
+        return self.grouped(moments).reshape(*moments.shape[:lead], positions, positions)
+
+    def grouped(self, moments: torch.Tensor) -> torch.Tensor:
+        """Paired moments ``(lead..., H, H', W, W')`` with the positions of the first input
+        first: ``(lead..., H, W, H', W')`` (a view)."""
+        lead = moments.ndim - self.ndim
+        count = len(self.sizes)
+        return moments.permute(*range(lead), *(lead + 2 * d for d in range(count)),
+                               *(lead + 2 * d + 1 for d in range(count)))
 
     def from_matrix(self, matrices: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`as_matrix`: ``(lead..., P, P')`` as paired moments."""

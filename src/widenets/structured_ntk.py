@@ -94,7 +94,7 @@ class AffineLayer:
         module = cast("FiniteConv | _ConvNd", self.module)
         if isinstance(module, FiniteConv):
             padded = module.pad(x)
-            stride, dilation = module.layer.stride, (1,) * module.layer.ndim
+            stride, dilation = module.layer.stride, module.layer.dilation
         else:
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             padded = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)

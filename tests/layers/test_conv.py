@@ -142,9 +142,9 @@ def test_auto_layout_is_diagonal_without_pooling_and_full_with_it(monkeypatch):
     seen = []
     original = Kernel.from_inputs.__func__
 
-    def spy(cls, x1, x2, with_ntk, paired=False):
+    def spy(cls, x1, x2, with_ntk, paired=False, **side_inputs):
         seen.append(paired)
-        return original(cls, x1, x2, with_ntk, paired)
+        return original(cls, x1, x2, with_ntk, paired, **side_inputs)
 
     monkeypatch.setattr(Kernel, "from_inputs", classmethod(spy))
     flatten = wn.Sequential(wn.Conv2d(4, 3), wn.ReLU(), wn.Flatten(), wn.Linear(1))
@@ -252,8 +252,8 @@ def test_tiles_of_any_size_equal_one_block_and_bound_memory(monkeypatch, spatial
     largest = []
     original = Kernel.from_inputs.__func__
 
-    def spy(cls, a, b, with_ntk, paired=False):
-        k = original(cls, a, b, with_ntk, paired)
+    def spy(cls, a, b, with_ntk, paired=False, **side_inputs):
+        k = original(cls, a, b, with_ntk, paired, **side_inputs)
         largest.append(k.nngp.numel())
         return k
 
@@ -291,8 +291,8 @@ def test_bad_image_input():
         wn.Sequential(wn.Conv2d(4, 7), wn.Flatten(), wn.Linear(1)).kernel(X1)
     with pytest.raises(ValueError, match="smaller than the window"):
         wn.Sequential(wn.Conv2d(4, 7), wn.Flatten(), wn.Linear(1)).build((2, 5, 6))
-    with pytest.raises(ValueError, match="spatial axes; end it with Flatten"):
-        wn.Sequential(wn.Conv2d(4, 3), wn.ReLU()).kernel(X1)
+    # an output that keeps positions has a positional kernel (not an error)
+    assert wn.Sequential(wn.Conv2d(4, 3), wn.ReLU()).kernel(X1).shape[2:] == (3, 4, 3, 4)
     with pytest.raises(ValueError, match="GlobalAvgPool needs spatial inputs"):
         wn.Sequential(wn.Linear(4), wn.GlobalAvgPool()).kernel(X1[:, 0, 0])
     with pytest.raises(ValueError, match="spatial='diagonal' cannot be used with pooling"):

@@ -46,10 +46,18 @@ class Windowed(Protocol):
     padding: str
 
 
+def window_dilation(layer: Windowed) -> tuple[int, ...]:
+    """The spacing of a windowed layer's taps along each axis: a convolution's
+    ``dilation``, ones for a pooling (whose windows are contiguous)."""
+    dilation: tuple[int, ...] = getattr(layer, "dilation", (1,) * layer.ndim)
+    return dilation
+
+
 def window_paddings(layer: Windowed, sizes: tuple[int, ...]) -> list[AxisPadding]:
     """The padding of each spatial axis of inputs of ``sizes`` for a windowed layer (a
-    convolution or a pooling: its ``ndim``, ``kernel_size``, ``stride`` and ``padding``),
-    after checking the number of spatial axes."""
+    convolution or a pooling: its ``ndim``, ``kernel_size``, ``stride``, ``padding`` and,
+    for a convolution, ``dilation``: the amounts use the effective window), after
+    checking the number of spatial axes."""
     owner = type(layer).__name__
     if len(sizes) != layer.ndim:
         layout = ("L", "H, W", "D, H, W")[layer.ndim - 1]
@@ -57,8 +65,9 @@ def window_paddings(layer: Windowed, sizes: tuple[int, ...]) -> list[AxisPadding
             f"{owner} needs inputs (N, C, {layout}) with {layer.ndim} spatial axes, got a "
             f"representation with {len(sizes)} spatial axes"
         )
-    return [padding(n, w, s, layer.padding, owner, axis)
-            for axis, (n, w, s) in enumerate(zip(sizes, layer.kernel_size, layer.stride))]
+    return [padding(n, w, s, layer.padding, owner, axis, d)
+            for axis, (n, w, s, d) in enumerate(
+                zip(sizes, layer.kernel_size, layer.stride, window_dilation(layer)))]
 
 
 class Conv(WeightedLayer):
@@ -66,18 +75,24 @@ class Conv(WeightedLayer):
 
     Inputs ``(N, C, *sizes)``; weights ``(channels, C, *kernel_size)``;
     ``fan_in = C * prod(kernel_size)``. ``padding`` is ``"valid"``, ``"same"`` or
-    ``"circular"`` (see ``widenets.spatial``).
+    ``"circular"`` (see ``widenets.spatial``). ``dilation`` (an int or a tuple of
+    ``ndim`` positive ints, default 1, as ``torch.nn.Conv2d``'s) spaces the filter taps
+    ``dilation`` apart: the filter spans the effective window ``dilation * (kernel_size
+    - 1) + 1`` positions, which sets the output sizes and the padding amounts, while
+    ``fan_in`` still counts the taps. It is the last argument so that calls passing
+    ``W_std`` positionally keep their meaning.
 
     Kernel rule (Novak et al. 2019, "Bayesian deep convolutional networks with many
     channels are Gaussian processes"; Arora et al. 2019, "On exact computation with an
     infinitely wide neural net"): a unit at output position ``i`` sees the inputs at
-    ``s i + o`` for the filter offsets ``o``, and the same weights serve every
-    position, so for two images the input kernel averaged over one unit's inputs is
-    ``A[i, i'] = mean_o K[s i + o, s i' + o]`` (padded positions are zeros, or wrapped
-    around), and then :class:`~widenets.layers.dense.WeightedLayer`'s rule applies. The
-    mean is separable over
-    the spatial axes and maps the diagonal ``i = i'`` to itself, so the diagonal layout
-    needs only the diagonal.
+    ``s i + d o`` for the filter taps ``o < kernel_size`` (stride ``s``, dilation ``d``,
+    positions of the padded input), and the same weights serve every position, so for
+    two images the input kernel averaged over one unit's inputs is
+    ``A[i, i'] = mean_o K[s i + d o, s i' + d o]`` (padded positions are zeros, or
+    wrapped around; the mean divides by the number of taps), and then
+    :class:`~widenets.layers.dense.WeightedLayer`'s rule applies. The mean is separable
+    over the spatial axes and maps the diagonal ``i = i'`` to itself, so the diagonal
+    layout needs only the diagonal.
     """
 
     ndim = 2
@@ -91,26 +106,48 @@ class Conv(WeightedLayer):
         W_std: float | torch.Tensor = 1.0,
         b_std: float | torch.Tensor | None = None,
         parameterization: str = "ntk",
+        dilation: int | tuple[int, ...] = 1,
     ) -> None:
         super().__init__(channels, W_std, b_std, parameterization)
         self.kernel_size = check_window(kernel_size, self.ndim, "kernel_size")
         self.stride = check_window(stride, self.ndim, "stride")
         self.padding = check_padding(padding)
+        self.dilation = check_window(dilation, self.ndim, "dilation")
+
+    def spec_arguments(self) -> dict[str, object]:
+        arguments = super().spec_arguments()
+        if all(d == 1 for d in self.dilation):  # plain layers: specs, stores as they were
+            del arguments["dilation"]
+        return arguments
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
+        if k.has_masks:
+            self._check_keeps_positions()
         pads = window_paddings(self, k.layout.sizes)
 
         def filter_mean(moment: torch.Tensor) -> torch.Tensor:
             for dim, pad in enumerate(pads):
                 moment = padded_window_mean(moment, k.layout.axes(dim), self.kernel_size[dim],
-                                            self.stride[dim], pad)
+                                            self.stride[dim], pad, self.dilation[dim])
             return moment
 
         averaged = k.map_linear(filter_mean).replace(
             layout=Layout(tuple(pad.out for pad in pads), k.layout.paired)
         )
         return self.affine_rule(averaged, fan_in=k.width * math.prod(self.kernel_size))
+
+    def _check_keeps_positions(self) -> None:
+        """Masks follow a convolution that keeps every position in place: stride 1 and a
+        one-tap filter or zero padding ``"same"`` (which reads masked positions as the
+        zeros past the end of a sequence)."""
+        one_tap = all(size == 1 for size in self.kernel_size)
+        if any(s != 1 for s in self.stride) or not (one_tap or self.padding == "same"):
+            raise ValueError(
+                f"{type(self).__name__} with masks needs stride 1 and padding='same' (or "
+                "kernel_size 1): other strides and paddings move positions, and circular "
+                "padding would wrap real positions onto padding"
+            )
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -169,7 +206,7 @@ class FiniteConv(WeightedModule):
             )
         convolve = _CONVOLUTIONS[self.layer.ndim]
         return convolve(self.pad(x), self.weight_scale * self.weight, self.scaled_bias(),
-                        stride=self.layer.stride)
+                        stride=self.layer.stride, dilation=self.layer.dilation)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(N, C, *S)`` padded as the kernel rule pads them (before the filter)."""
