@@ -121,6 +121,18 @@ LAYERS: dict[str, Entry] = {
         before=lambda: (wn.Conv1d(8, 1, W_std=1.5, b_std=0.1), wn.ReLU()),
         after=lambda: (wn.Conv1d(8, 1, W_std=1.2), wn.Erf(), wn.GlobalAvgPool(), wn.Linear(1)),
         options={"side_inputs": testing.example_graphs}),
+    "SelfAttention": Entry(lambda: wn.SelfAttention(n_heads=2, b_std=0.1), (2, 5)),
+    "SelfAttention-masked-causal": Entry(
+        lambda: wn.SelfAttention(attention="relu", causal=True, pos_emb="sum"), (2, 6),
+        after=lambda: (wn.ReLU(), wn.GlobalAvgPool(), wn.Linear(1)),
+        options={"side_inputs": testing.example_masks}),
+    "Sequential-transformer-block": Entry(
+        lambda: wn.Sequential(
+            wn.Residual(wn.Sequential(wn.LayerNorm(), wn.SelfAttention(n_heads=2, b_std=0.1))),
+            wn.Residual(wn.Sequential(wn.LayerNorm(), wn.Conv1d(64, 1, W_std=1.4, b_std=0.1),
+                                      wn.ReLU(), wn.Conv1d(64, 1, W_std=1.2)))),
+        (2, 5), before=lambda: (wn.Conv1d(64, 1, W_std=1.5, b_std=0.1),),
+        after=lambda: (wn.LayerNorm(), wn.GlobalAvgPool(), wn.Linear(1))),
     "Dropout": Entry(lambda: wn.Dropout(0.3), (3,)),
     "Dropout-images": Entry(lambda: wn.Dropout(0.2), (1, 5, 5),
                             after=lambda: (wn.Conv2d(4, 3, padding="same"), wn.ReLU(),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import widenets as wn
+from widenets.architectures import with_hidden_width
 
 LENGTHS = (3, 5, 1, 4)
 
@@ -145,3 +146,68 @@ def test_bad_masks_are_refused():
     twin = net.build((2, 5), dtype=torch.float64)
     with pytest.raises(ValueError, match="mask must have shape"):
         twin(x, mask=mask[:, :3])
+
+
+ATTENTION = dict(n_heads=2, W_key_std=1.2, W_query_std=0.9, W_value_std=1.3, W_out_std=1.1,
+                 b_std=0.1)
+
+
+def test_masked_attention_matches_neural_tangents(attention_reference):
+    """The reference case ``seq_masked``: sequences of different lengths, one batch."""
+    r, case = attention_reference, "seq_masked"
+    net = wn.Sequential(wn.Conv1d(64, 1, W_std=1.5, b_std=0.1), wn.ReLU(),
+                        wn.SelfAttention(attention="softmax", **ATTENTION), wn.ReLU(),
+                        wn.GlobalAvgPool(), wn.Linear(1, 1.0, 0.1))
+    x1, x2, valid1, valid2 = (r[f"{case}/{key}"] for key in ("x1", "x2", "valid1", "valid2"))
+    k12 = net.kernel(x1, x2, get=("nngp", "ntk"), mask1=valid1, mask2=valid2)
+    k11 = net.kernel(x1, None, get=("nngp", "ntk"), mask1=valid1)
+    for name in ("nngp", "ntk"):
+        for got, key in ((k12, f"{name}12"), (k11, f"{name}11")):
+            expected = torch.as_tensor(r[f"{case}/{key}"])
+            error = float((got[name] - expected).abs().max() / expected.abs().max())
+            assert error < 1e-8, (key, error)
+
+
+@pytest.mark.parametrize("options", [dict(attention="softmax"),
+                                     dict(attention="relu", causal=True, pos_emb="sum"),
+                                     dict(attention="identity", linear_scaling=False)])
+def test_attention_ignores_padding(options):
+    net = wn.Sequential(wn.Conv1d(8, 1, W_std=1.5, b_std=0.1), wn.ReLU(),
+                        wn.SelfAttention(**options, **ATTENTION), wn.Erf(),
+                        wn.GlobalAvgPool(), wn.Linear(1))
+    x, mask = sequences()
+    reference = net.kernel(x, None, get=("nngp", "ntk"), mask1=mask)
+    longer, longer_mask = pad(x, mask, extra=2)
+    padded = net.kernel(longer, None, get=("nngp", "ntk"), mask1=longer_mask)
+    for kernel in ("nngp", "ntk"):
+        torch.testing.assert_close(padded[kernel], reference[kernel], rtol=1e-12, atol=0)
+    if "pos_emb" in options:
+        return  # the twin draws one embedding per position: no twin of another length
+    together = net.build((2, 5), torch.Generator().manual_seed(5), dtype=torch.float64)(
+        x, mask=mask)
+    for i, n in enumerate(LENGTHS):  # the same weights, drawn for the cut length
+        alone = net.build((2, n), torch.Generator().manual_seed(5), dtype=torch.float64)
+        torch.testing.assert_close(together[i:i + 1], alone(x[i:i + 1, :, :n]),
+                                   rtol=1e-12, atol=1e-14)
+
+
+def test_monte_carlo_kernel_carries_the_masks():
+    """Twins see each example's mask (also inside the per-example Jacobians of the NTK);
+    the estimate converges to the masked kernel, not to the unmasked one."""
+    net = wn.Sequential(wn.Conv1d(8, 1, W_std=1.5, b_std=0.1), wn.ReLU(),
+                        wn.SelfAttention(**ATTENTION), wn.Erf(), wn.GlobalAvgPool(),
+                        wn.Linear(1))
+    x, mask = sequences()
+    x2, mask2 = sequences((2, 5), seed=3)
+    exact = net.kernel(x, x2, get="ntk", mask1=mask, mask2=mask2)
+    unmasked = net.kernel(x, x2, get="ntk")
+    scale = float(exact.abs().max())
+    errors = []
+    for width in (8, 32, 128):
+        wide = with_hidden_width(net, width)
+        estimate = wn.monte_carlo_kernel(wide, x, x2, get="ntk", n_samples=8,
+                                         generator=torch.Generator().manual_seed(width),
+                                         mask1=mask, mask2=mask2)
+        errors.append(float((estimate - exact).abs().max()) / scale)
+    assert errors[2] < errors[0] / 2 and errors[2] < 0.1, errors
+    assert float((exact - unmasked).abs().max()) / scale > 5 * errors[2]

@@ -39,6 +39,7 @@ from .layers import (
     RectifiedMonomial,
     ReLU,
     Residual,
+    SelfAttention,
     Sequential,
     Sign,
     Sin,
@@ -54,9 +55,9 @@ __all__ = [
     "Conv3d", "Dropout", "Flatten", "GlobalAvgPool", "Cos", "Elementwise", "Erf", "FanInConcat",
     "FanInProd", "FanInSum", "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer",
     "LayerNorm", "LeakyReLU", "Linear", "Parallel", "Rbf", "RectifiedMonomial", "ReLU", "Residual",
-    "Sequential", "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk", "monte_carlo_kernel",
-    "datasets", "experiments", "kernel_matrix", "load_kernel", "predict", "__version__",
-    "TaylorExpansion", "linearize", "taylor_expand",
+    "SelfAttention", "Sequential", "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk",
+    "monte_carlo_kernel", "datasets", "experiments", "kernel_matrix", "load_kernel", "predict",
+    "__version__", "TaylorExpansion", "linearize", "taylor_expand",
 ]
 
 #: Submodules imported on first use: those that need optional dependencies

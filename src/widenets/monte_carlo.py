@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass
 from typing import overload
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .empirical import empirical_nngp, empirical_ntk
+from .engine import checked_side_inputs
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
+from .layers.combinators import SequentialModule
+from .side_inputs import finite_side_inputs
 
 
 @overload
@@ -22,6 +29,11 @@ def monte_carlo_kernel(
     n_samples: int = 64,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    *,
+    mask1: object | None = None,
+    mask2: object | None = None,
+    adjacency1: object | None = None,
+    adjacency2: object | None = None,
 ) -> torch.Tensor: ...
 
 
@@ -34,6 +46,11 @@ def monte_carlo_kernel(
     n_samples: int = 64,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    *,
+    mask1: object | None = None,
+    mask2: object | None = None,
+    adjacency1: object | None = None,
+    adjacency2: object | None = None,
 ) -> Kernels: ...
 
 
@@ -47,6 +64,10 @@ def monte_carlo_kernel(
     n_samples: int = 64,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    mask1: object | None = None,
+    mask2: object | None = None,
+    adjacency1: object | None = None,
+    adjacency2: object | None = None,
 ) -> Kernels: ...
 
 
@@ -58,6 +79,11 @@ def monte_carlo_kernel(
     n_samples: int = 64,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    *,
+    mask1: object | None = None,
+    mask2: object | None = None,
+    adjacency1: object | None = None,
+    adjacency2: object | None = None,
 ) -> torch.Tensor | Kernels:
     """Average the empirical kernels (mean over outputs) of ``n_samples`` finite twins.
 
@@ -72,20 +98,102 @@ def monte_carlo_kernel(
     private to its call). Give each thread its own ``generator``: draws from a shared one
     interleave in an unpredictable order. Raises ``ValueError`` if a twin's kernel
     overflows the dtype (see :func:`~widenets.empirical_ntk`).
+
+    ``mask1``, ``mask2``, ``adjacency1``, ``adjacency2``: as for ``net.kernel``. The twins
+    receive them with each example (carried as extra input channels that the twin strips
+    off, so every way of computing the empirical kernels sees them).
     """
     if not isinstance(net, Layer):
         raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")
     names = parse_get(get)
     n_samples = check_positive_int(n_samples, "n_samples")
     t1, t2 = as_input_pair(x1, x2)
+    side = checked_side_inputs(t1, t2, (mask1, mask2), (adjacency1, adjacency2))
+    carried = CarriedLayout.needed(side, t1)
+    if carried is not None:
+        t1 = carried.attach(t1, side[0], side[2])
+        t2 = None if t2 is None else carried.attach(t2, side[1], side[3])
     totals: dict[str, torch.Tensor] = {}
     for _ in tqdm(range(n_samples), disable=not progress, desc="monte carlo", unit="net"):
-        model = net.build(tuple(t1.shape[1:]), generator, dtype=t1.dtype, device=t1.device)
+        shape = tuple(t1.shape[1:]) if carried is None else carried.input_shape
+        model = net.build(shape, generator, dtype=t1.dtype, device=t1.device)
+        if carried is not None:
+            model = SideChannels(model, carried)
         for name in names:
             fn = empirical_ntk if name == "ntk" else empirical_nngp
-            value = fn(model, t1, t2)
+            with warnings.catch_warnings():
+                if carried is not None:  # the carried channels are ours; x1, x2 were checked
+                    warnings.filterwarnings("ignore", message=".*channels last",
+                                            category=UserWarning)
+                value = fn(model, t1, t2)
             totals[name] = value if name not in totals else totals[name] + value
     means = {name: total / n_samples for name, total in totals.items()}
     if isinstance(get, str):
         return means[get]
     return Kernels(**means)
+
+
+@dataclass(frozen=True)
+class CarriedLayout:
+    """How :class:`SideChannels` lays side inputs out as extra channels of inputs
+    ``(N, channels, *sizes)``: the data, then ``P`` channels of adjacency rows (if
+    ``adjacency``), then one of mask (if ``mask``)."""
+
+    channels: int
+    sizes: tuple[int, ...]
+    mask: bool
+    adjacency: bool
+
+    @classmethod
+    def needed(cls, side: tuple[torch.Tensor | None, ...], x: torch.Tensor
+               ) -> CarriedLayout | None:
+        """The layout for checked side inputs ``(mask1, mask2, adjacency1, adjacency2)``
+        of inputs like ``x``, or ``None`` when there are none."""
+        mask1, mask2, adjacency1, _ = side
+        if all(value is None for value in side):
+            return None
+        return cls(x.shape[1], tuple(x.shape[2:]), mask1 is not None or mask2 is not None,
+                   adjacency1 is not None)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The per-example shape of the data alone."""
+        return (self.channels, *self.sizes)
+
+    def attach(self, x: torch.Tensor, mask: torch.Tensor | None,
+               adjacency: torch.Tensor | None) -> torch.Tensor:
+        """``x`` with the side inputs appended as channels (no mask: all positions real)."""
+        n = x.shape[0]
+        parts = [x]
+        if self.adjacency:
+            assert adjacency is not None  # (given for both inputs or neither: checked)
+            parts.append(adjacency.to(x.dtype).reshape(n, -1, *self.sizes))
+        if self.mask:
+            real = torch.ones(n, *self.sizes, dtype=torch.bool, device=x.device) \
+                if mask is None else mask
+            parts.append(real.unsqueeze(1).to(x.dtype))
+        return torch.cat(parts, dim=1)
+
+
+class SideChannels(nn.Module):
+    """A finite twin fed with its side inputs as extra channels of each example, so that
+    the empirical kernels (which slice, batch and ``vmap`` examples) carry them along:
+    the adjacency row of node ``i`` is channel ``C + i`` over the positions, the mask the
+    last channel (:meth:`CarriedLayout.attach`). The forward pass strips them off and
+    runs the twin with them."""
+
+    def __init__(self, model: nn.Module, layout: CarriedLayout) -> None:
+        super().__init__()
+        self.model = model if isinstance(model, SequentialModule) else SequentialModule([model])
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = self.layout
+        data = x[:, : layout.channels]
+        adjacency = None
+        if layout.adjacency:
+            positions = math.prod(layout.sizes)
+            adjacency = x[:, layout.channels:layout.channels + positions].flatten(2)
+        mask = x[:, -1] > 0.5 if layout.mask else None
+        with finite_side_inputs(mask, adjacency):
+            return self.model.run(data)

@@ -155,3 +155,4 @@ def current_mask(x: torch.Tensor) -> torch.Tensor | None:
 def current_adjacency() -> torch.Tensor | None:
     """The adjacency of the batch that a finite twin runs on, or ``None``."""
     return getattr(_twin_state, "values", (None, None))[1]
+

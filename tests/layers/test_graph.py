@@ -172,3 +172,17 @@ def test_errors():
     twin = net.build((3, 4), dtype=torch.float64)
     with pytest.raises(ValueError, match="adjacency=A"):
         twin(x)
+
+
+def test_monte_carlo_kernel_carries_the_graphs():
+    x1 = torch.randn(3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
+    x2 = torch.randn(2, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    a1, a2 = random_graphs(3, 4, seed=18), random_graphs(2, 4, seed=19)
+    net = wn.Sequential(wn.Conv1d(128, 1, W_std=1.5, b_std=0.1), wn.ReLU(), wn.Aggregate(),
+                        wn.Conv1d(128, 1, W_std=1.2), wn.Erf(), wn.GlobalAvgPool(),
+                        wn.Linear(1))
+    exact = net.kernel(x1, x2, get="ntk", adjacency1=a1, adjacency2=a2)
+    estimate = wn.monte_carlo_kernel(net, x1, x2, get="ntk", n_samples=16,
+                                     generator=torch.Generator().manual_seed(20),
+                                     adjacency1=a1, adjacency2=a2)
+    assert float((estimate - exact).abs().max()) < 0.1 * float(exact.abs().max())

@@ -17,6 +17,7 @@ from .activations import (
     Sin,
     Step,
 )
+from .attention import SelfAttention
 from .base import Layer
 from .combinators import (
     FanInConcat,
@@ -35,9 +36,9 @@ from .normalization import LayerNorm
 from .pooling import AvgPool1d, AvgPool2d, AvgPool3d, Flatten, GlobalAvgPool
 
 __all__ = [
-    "Aggregate", "Dropout", "ABReLU", "Abs", "Activation", "Cos", "Elementwise", "Erf", "GELU",
-    "Identity", "LeakyReLU", "Rbf", "RectifiedMonomial", "ReLU", "Sign", "Sin", "Step", "Layer",
-    "FanInConcat", "FanInProd", "FanInSum", "FanOut", "Parallel", "Residual", "Sequential",
-    "Linear", "LayerNorm", "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
-    "Flatten", "GlobalAvgPool",
+    "Aggregate", "Dropout", "SelfAttention", "ABReLU", "Abs", "Activation", "Cos", "Elementwise",
+    "Erf", "GELU", "Identity", "LeakyReLU", "Rbf", "RectifiedMonomial", "ReLU", "Sign", "Sin",
+    "Step", "Layer", "FanInConcat", "FanInProd", "FanInSum", "FanOut", "Parallel", "Residual",
+    "Sequential", "Linear", "LayerNorm", "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d",
+    "AvgPool3d", "Flatten", "GlobalAvgPool",
 ]
