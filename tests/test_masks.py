@@ -211,3 +211,35 @@ def test_monte_carlo_kernel_carries_the_masks():
         errors.append(float((estimate - exact).abs().max()) / scale)
     assert errors[2] < errors[0] / 2 and errors[2] < 0.1, errors
     assert float((exact - unmasked).abs().max()) / scale > 5 * errors[2]
+
+
+def test_kernel_matrix_with_masks_and_its_store(tmp_path):
+    net = NETWORKS["conv-relu-gap"]()
+    x, mask = sequences()
+    x2, mask2 = sequences((2, 5, 4), seed=2)
+    expected = net.kernel(x, None, get=("nngp", "ntk"), mask1=mask)
+    store = tmp_path / "masked.zarr"
+    for _ in range(2):  # computed, then read back from the store
+        tiled = wn.kernel_matrix(net, x, None, get=("nngp", "ntk"), tile=3, store=store,
+                                 progress=False, mask1=mask)
+        for name in ("nngp", "ntk"):
+            torch.testing.assert_close(tiled[name], expected[name], rtol=1e-12, atol=0)
+    other = mask.clone()
+    other[0, 3] = True
+    with pytest.raises(ValueError, match="side_inputs_sha256"):
+        wn.kernel_matrix(net, x, None, get=("nngp", "ntk"), tile=3, store=store,
+                         progress=False, mask1=other)
+    with pytest.raises(ValueError, match="side_inputs_sha256"):
+        wn.kernel_matrix(net, x, None, get=("nngp", "ntk"), tile=3, store=store,
+                         progress=False)
+    cross = wn.kernel_matrix(net, x, x2, get="ntk", tile=2, progress=False, mask1=mask,
+                             mask2=mask2)
+    torch.testing.assert_close(cross, net.kernel(x, x2, get="ntk", mask1=mask, mask2=mask2),
+                               rtol=1e-12, atol=0)
+
+
+def test_kernel_matrix_refuses_positional_outputs():
+    net = wn.Sequential(wn.Conv1d(8, 1), wn.ReLU(), wn.Conv1d(1, 1))
+    x, _ = sequences()
+    with pytest.raises(ValueError, match="keeps its positions"):
+        wn.kernel_matrix(net, x, None, get="ntk", tile=2, progress=False)

@@ -53,6 +53,9 @@ LOCK = "widenets.lock"
 #: ``architecture_repr`` shows the architecture to people (its spec, ``architecture``,
 #: identifies it; stores written before specs hold a repr there instead).
 INFORMATIONAL = ("version", "returns", "architecture_repr")
+#: Identity entries recorded only by computations that use them (masks and graphs): a
+#: store that has one is refused to a call without it.
+ONLY_WHEN_USED = ("side_inputs_sha256",)
 #: ``errno`` values of a failed open for writing that mean "this store is read-only".
 READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 #: Content of the finished-tile markers of widenets versions before checksums.
@@ -348,6 +351,12 @@ class TileStore:
         group.attrs.update({"widenets": identity, "complete": False})
 
     def _check(self, identity: dict) -> None:
+        for key in ONLY_WHEN_USED:
+            if key in self.identity and key not in identity:
+                raise ValueError(
+                    f"store {self.path} holds a different computation: its {key} is "
+                    f"{self.identity[key]!r}, this call has none; use another store path"
+                )
         for key, value in identity.items():
             if key in INFORMATIONAL:
                 continue

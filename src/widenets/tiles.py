@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .engine import tracks_gradients
+from .engine import SideInputs, checked_side_inputs, tracks_gradients
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
@@ -115,22 +115,47 @@ def _tile_sizes(tile: object, n1: int, n2: int, symmetric: bool) -> tuple[int, i
 
 
 def compute_tile(
-    net: Layer, x1: torch.Tensor, x2: torch.Tensor | None, tile: Tile, names: tuple[str, ...]
+    net: Layer, x1: torch.Tensor, x2: torch.Tensor | None, tile: Tile, names: tuple[str, ...],
+    side: SideInputs = (None, None, None, None),
 ) -> dict[str, np.ndarray]:
     """One tile of each kernel, as NumPy arrays (a Dask task; picklable arguments).
+    ``side``: the checked ``(mask1, mask2, adjacency1, adjacency2)`` of all the inputs.
 
     The rows and columns are copied into fresh buffers: the results of vectorised sums
     can depend on the memory alignment of their operands, and a fresh buffer is aligned
     the same way in every process, so a tile has the same bits wherever it is computed.
     """
     rows = x1[tile.r0 : tile.r1].clone()
+    mask1, mask2, adjacency1, adjacency2 = (
+        None if value is None else value[span]
+        for value, span in zip(side, (tile.rows, tile.cols, tile.rows, tile.cols)))
     if x2 is None and tile.is_diagonal:
-        kernels = net.kernel(rows, None, get=names)
+        kernels = net.kernel(rows, None, get=names, mask1=mask1, adjacency1=adjacency1)
     else:
         cols = (x1 if x2 is None else x2)[tile.c0 : tile.c1].clone()
-        kernels = net.kernel(rows, cols, get=names)
-    return {name: cast(torch.Tensor, kernels[name]).detach().cpu().numpy()  # all asked for
-            for name in names}
+        kernels = net.kernel(rows, cols, get=names, mask1=mask1, mask2=mask2,
+                             adjacency1=adjacency1, adjacency2=adjacency2)
+    values = {name: cast(torch.Tensor, kernels[name]).detach().cpu().numpy()  # all asked for
+              for name in names}
+    if any(value.ndim != 2 for value in values.values()):
+        raise ValueError(
+            "kernel_matrix keeps one entry per pair of examples, but the network's output "
+            "keeps its positions; compute its positional kernel with net.kernel"
+        )
+    return values
+
+
+def side_inputs_digest(side: SideInputs, symmetric: bool) -> str:
+    """SHA-256 of the masks and adjacencies (those of ``x2`` only when it is given)."""
+    digest = hashlib.sha256()
+    for index, value in enumerate(side):
+        if value is None or (symmetric and index in (1, 3)):
+            digest.update(b"none")
+            continue
+        array = value.detach().cpu().contiguous().numpy()
+        digest.update(f"{index}{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def inputs_digest(x1: torch.Tensor, x2: torch.Tensor | None) -> str:
@@ -159,20 +184,24 @@ def architecture_identity(net: Layer) -> dict:
 
 
 def _identity(net: Layer, names, x1, x2, n1, n2, rows, cols, symmetric, dtype,
-              single: bool) -> dict:
-    return {
+              single: bool, side: SideInputs) -> dict:
+    identity = {
         "architecture": architecture_identity(net), "architecture_repr": repr(net),
         "get": list(names), "inputs_sha256": inputs_digest(x1, x2),
         "dtype": str(dtype), "shape": [n1, n2], "tile": [rows, cols], "symmetric": symmetric,
         "version": __version__, "returns": "tensor" if single else "Kernels",
     }
+    if any(value is not None for value in side):  # (stores without them keep their identity)
+        identity["side_inputs_sha256"] = side_inputs_digest(side, symmetric)
+    return identity
 
 
-def _results(net, x1, x2, todo: list[Tile], names, client) -> Iterator[tuple[Tile, dict]]:
+def _results(net, x1, x2, todo: list[Tile], names, client,
+             side: SideInputs = (None, None, None, None)) -> Iterator[tuple[Tile, dict]]:
     """``(tile, values)`` for each tile to compute, here or on a Dask cluster."""
     if client is None:
         for tile in todo:
-            yield tile, compute_tile(net, x1, x2, tile, names)
+            yield tile, compute_tile(net, x1, x2, tile, names, side)
         return
     as_completed = require("distributed", "dask", "kernel_matrix(client=...)").as_completed
 
@@ -183,7 +212,9 @@ def _results(net, x1, x2, todo: list[Tile], names, client) -> Iterator[tuple[Til
     # manager's reduction of replicas (hangs, dask/distributed#4907).
     net_f, x1_f = client.scatter(net, hash=False), client.scatter(x1, hash=False)
     x2_f = None if x2 is None else client.scatter(x2, hash=False)
-    futures = {client.submit(compute_tile, net_f, x1_f, x2_f, tile, names, pure=False): tile
+    side_f = client.scatter(side, hash=False) if any(v is not None for v in side) else side
+    futures = {client.submit(compute_tile, net_f, x1_f, x2_f, tile, names, side_f,
+                             pure=False): tile
                for tile in todo}
     for future in as_completed(futures):
         yield futures[future], future.result()
@@ -247,6 +278,8 @@ class KernelJob:
     store: TileStore | None
     single: bool = False
     repaired: list[Tile] = field(default_factory=list)
+    #: The checked ``(mask1, mask2, adjacency1, adjacency2)``.
+    side: SideInputs = (None, None, None, None)
 
     @property
     def symmetric(self) -> bool:
@@ -280,6 +313,11 @@ def prepare_kernel(
     tile: int | tuple[int, int] | str = "auto",
     store: str | os.PathLike | None = None,
     memory_limit: int | None = None,
+    *,
+    mask1: object | None = None,
+    mask2: object | None = None,
+    adjacency1: object | None = None,
+    adjacency2: object | None = None,
 ) -> KernelJob:
     """Check the arguments of :func:`kernel_matrix`, choose its tiles and open its store
     without computing anything: a store of another computation, a folder holding
@@ -298,6 +336,7 @@ def prepare_kernel(
     if auto and tile != "auto":
         raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
     t1, t2 = as_input_pair(x1, x2)
+    side_inputs = checked_side_inputs(t1, t2, (mask1, mask2), (adjacency1, adjacency2))
     symmetric = t2 is None
     n1, n2 = t1.shape[0], t1.shape[0] if t2 is None else t2.shape[0]
     dtype = numpy_dtype(t1.dtype)
@@ -315,9 +354,11 @@ def prepare_kernel(
     single = isinstance(get, str)
     tile_store = None
     if store is not None:
-        identity = _identity(net, names, t1, t2, n1, n2, rows, cols, symmetric, dtype, single)
+        identity = _identity(net, names, t1, t2, n1, n2, rows, cols, symmetric, dtype, single,
+                             side_inputs)
         tile_store = TileStore(store, identity, n1, n2, rows, cols, names, dtype)
-    return KernelJob(net, names, t1, t2, rows, cols, dtype, tile_store, single)
+    return KernelJob(net, names, t1, t2, rows, cols, dtype, tile_store, single,
+                     side=side_inputs)
 
 
 def compute_kernel(
@@ -355,7 +396,7 @@ def compute_kernel(
                    desc="kernel tiles", unit="tile")
         start, entries = time.perf_counter(), 0
         try:
-            for t, values in _results(job.net, job.x1, job.x2, todo, names, client):
+            for t, values in _results(job.net, job.x1, job.x2, todo, names, client, job.side):
                 if tile_store is not None:
                     tile_store.write(t, values)
                 place_tile(out, t, values, symmetric)
@@ -384,6 +425,11 @@ def kernel_matrix(
     progress: bool = True,
     client: object | None = None,
     memory_limit: int | None = None,
+    *,
+    mask1: object | None = None,
+    mask2: object | None = None,
+    adjacency1: object | None = None,
+    adjacency2: object | None = None,
 ) -> torch.Tensor | Kernels:
     """The kernel matrix ``K(x1, x2)`` of an architecture, computed in tiles.
 
@@ -406,6 +452,9 @@ def kernel_matrix(
         client: a ``dask.distributed.Client``; tiles become tasks on its workers.
         memory_limit: bytes for the output plus one tile's working set (default: half
             the available memory); an integer.
+        mask1, mask2, adjacency1, adjacency2: masks of real positions and graphs, as for
+            ``net.kernel``; a store records their digest, so a store of other masks or
+            graphs is refused.
 
     Returns a CPU tensor ``(N1, N2)`` in the inputs' dtype (or :class:`Kernels`). The
     same as ``compute_kernel`` of ``prepare_kernel``.
@@ -419,13 +468,16 @@ def kernel_matrix(
                 "inputs or a hyperparameter require grad: detach them (or use torch.no_grad()),"
                 " or compute without store and client"
             )
-        prepare_kernel(net, x1, x2, get, tile, None, memory_limit)  # the same checks
-        kernels = net.kernel(x1, x2, get=get, progress=progress)
-        if isinstance(kernels, torch.Tensor):
-            return kernels.cpu()
+        prepare_kernel(net, x1, x2, get, tile, None, memory_limit, mask1=mask1, mask2=mask2,
+                       adjacency1=adjacency1, adjacency2=adjacency2)  # the same checks
+        kernels = net.kernel(x1, x2, get=parse_get(get), progress=progress, mask1=mask1,
+                             mask2=mask2, adjacency1=adjacency1, adjacency2=adjacency2)
+        if isinstance(get, str):
+            return cast(torch.Tensor, kernels[get]).cpu()
         return Kernels(**{name: cast(torch.Tensor, kernels[name]).cpu()
                           for name in parse_get(get)})
-    job = prepare_kernel(net, x1, x2, get, tile, store, memory_limit)
+    job = prepare_kernel(net, x1, x2, get, tile, store, memory_limit, mask1=mask1, mask2=mask2,
+                         adjacency1=adjacency1, adjacency2=adjacency2)
     return compute_kernel(job, progress, client)
 
 
