@@ -26,12 +26,14 @@ _LAYOUTS = {
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def as_data_tensor(x: object, name: str) -> torch.Tensor:
+def as_data_tensor(x: object, name: str, layout_warning: bool = True) -> torch.Tensor:
     """Return ``x`` as a floating tensor of shape ``(N, ...)`` with finite values.
 
     NumPy arrays (and array-likes) become float64 tensors; a tensor keeps its dtype
     and device. Raises ``TypeError`` for non-numeric or complex data and
     ``ValueError`` for empty input, fewer than 2 dimensions, or NaN/inf values.
+    ``layout_warning``: warn when the shape looks channels-last (for inputs, not for
+    targets).
     """
     if isinstance(x, torch.Tensor):
         tensor = x
@@ -61,7 +63,8 @@ def as_data_tensor(x: object, name: str) -> torch.Tensor:
         raise ValueError(f"{name} is empty: shape {tuple(tensor.shape)}")
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or inf values")
-    warn_channels_last(tensor.shape, name)
+    if layout_warning:  # (not for targets, whose trailing axes are not channels)
+        warn_channels_last(tensor.shape, name)
     return tensor
 
 

@@ -541,7 +541,7 @@ def _one_pass_ntk(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _noisy_monte_carlo_ntk(
     net: Layer, x: torch.Tensor, n_samples: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """``monte_carlo_kernel(net, x, get="ntk")`` with :func:`_one_pass_ntk` per twin."""
+    """``monte_carlo_kernel(net, x, get="ntk")`` with ``_one_pass_ntk`` per twin."""
     total = torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
     for _ in range(n_samples):
         model = net.build(tuple(x.shape[1:]), generator, dtype=x.dtype, device=x.device)
@@ -585,7 +585,7 @@ def check_monte_carlo(
     seeded with ``seed`` for the estimates and restored afterwards; the NNGP estimate is
     one forward pass of ``x`` per twin (each example its own mask, as the kernel of
     ``x2=None`` assumes), and the NTK estimate is the Jacobian of one forward pass of the
-    whole batch per twin (:func:`_one_pass_ntk`), so that the masks are the same in
+    whole batch per twin (``_one_pass_ntk``), so that the masks are the same in
     every derivative: ``empirical_ntk`` evaluates the model per example under
     ``torch.func.vmap``, which refuses random operations.
 

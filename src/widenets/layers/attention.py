@@ -218,7 +218,7 @@ def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
 class SelfAttention(Layer):
     r"""Multi-head scaled dot-product self-attention over all positions of ``(N, C, L)``
     sequences or ``(N, C, H, W)`` images (``H W`` tokens): see
-    :mod:`widenets.layers.attention` for the finite twin and the kernel formulas
+    the module ``widenets.layers.attention`` for the finite twin and the kernel formulas
     (Hron et al. 2020; Neural Tangents' ``GlobalSelfAttention``).
 
     Args:
@@ -310,7 +310,7 @@ class SelfAttention(Layer):
     # ``with_hidden_width`` sets ``layer.width``: the twin's channels
     @property
     def width(self) -> int:
-        """The finite twin's width: :attr:`channels`."""
+        """The finite twin's width, its ``channels``."""
         return self.channels
 
     @width.setter
@@ -503,7 +503,7 @@ class SelfAttention(Layer):
 
 class FiniteSelfAttention(nn.Module):
     """The finite twin of :class:`SelfAttention` for inputs ``(N, in_channels, *sizes)``
-    (see :mod:`widenets.layers.attention` for its parameterization)."""
+    (see the module ``widenets.layers.attention`` for its parameterization)."""
 
     def __init__(
         self,

@@ -74,9 +74,16 @@ KernelSource = Layer | Callable[..., Tensor]
 
 class TrainingKernels:
     """Kernels from an architecture or a kernel function, in float64; the training
-    kernels are computed once and kept."""
+    kernels are computed once and kept.
 
-    def __init__(self, net_or_kernels: object) -> None:
+    ``side_train``: the training inputs' ``(mask, adjacency)`` (an architecture only).
+    Kernels of networks whose outputs keep their positions, ``(n1, n2, *P, *P)``, become
+    kernels of (example, position) points, ``(n1 prod(P), n2 prod(P))`` with the
+    positions of each example consecutive; :attr:`positions` is then ``P`` (else
+    ``None``, also before the first kernel)."""
+
+    def __init__(self, net_or_kernels: object,
+                 side_train: tuple[object, object] = (None, None)) -> None:
         self.net: Layer | None
         self.kernel_fn: Callable[..., object] | None
         if isinstance(net_or_kernels, Layer):
@@ -89,18 +96,37 @@ class TrainingKernels:
                 f"kernel_fn(x1, x2, get) -> (N1, N2) tensor, got {type(net_or_kernels).__name__}"
             )
         self.training: dict[str, Tensor] = {}
+        self.side_train = side_train
+        self.positions: tuple[int, ...] | None = None
+        if self.net is None and any(value is not None for value in side_train):
+            raise ValueError("masks and adjacencies need an architecture, not a kernel function")
 
-    def __call__(self, x1: Tensor, x2: Tensor | None, names: tuple[str, ...]) -> dict[str, Tensor]:
+    def __call__(self, x1: Tensor, x2: Tensor | None, names: tuple[str, ...],
+                 side1: tuple[object, object] | None = None) -> dict[str, Tensor]:
+        """The kernels between ``x1``, whose ``(mask, adjacency)`` is ``side1``, and
+        ``x2``: the training inputs (with ``side_train``), or ``None`` for ``x1``."""
         n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
+        mask1, adjacency1 = (None, None) if side1 is None else side1
         if self.net is not None:
-            kernels = self.net.kernel(x1, x2, get=names)
-            values = {name: cast(Tensor, kernels[name]) for name in names}  # all asked for
+            if x2 is None:
+                kernels = self.net.kernel(x1, None, get=names, mask1=mask1,
+                                          adjacency1=adjacency1)
+            else:
+                kernels = self.net.kernel(x1, x2, get=names, mask1=mask1,
+                                          mask2=self.side_train[0], adjacency1=adjacency1,
+                                          adjacency2=self.side_train[1])
+            values = {name: self._as_points(cast(Tensor, kernels[name]))  # all asked for
+                      for name in names}
         else:
+            if side1 is not None and any(value is not None for value in side1):
+                raise ValueError(
+                    "masks and adjacencies need an architecture, not a kernel function")
             kernel_fn = self.kernel_fn
             assert kernel_fn is not None  # set by __init__ when net is not
             values = {name: torch.as_tensor(kernel_fn(x1, x2, name)) for name in names}
+        points = math.prod(self.positions) if self.positions else 1
         for name, value in values.items():
-            if tuple(value.shape) != (n1, n2):
+            if tuple(value.shape) != (n1 * points, n2 * points):
                 raise ValueError(
                     f"the {name} kernel function must return a ({n1}, {n2}) tensor, got "
                     f"{tuple(value.shape)}"
@@ -108,6 +134,20 @@ class TrainingKernels:
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"the {name} kernel has NaN or inf values")
         return {name: value.to(torch.float64) for name, value in values.items()}
+
+    def _as_points(self, kernel: Tensor) -> Tensor:
+        """A kernel of positional outputs as a kernel of (example, position) points."""
+        if kernel.ndim == 2:
+            return kernel
+        count = (kernel.ndim - 2) // 2
+        positions = tuple(kernel.shape[2:2 + count])
+        if self.positions is not None and positions != self.positions:
+            raise ValueError(f"the network's outputs have positions {positions} here and "
+                             f"{self.positions} for the training inputs")
+        self.positions = positions
+        n1, n2, p = kernel.shape[0], kernel.shape[1], math.prod(positions)
+        flat = kernel.reshape(n1, n2, p, p).permute(0, 2, 1, 3)
+        return flat.reshape(n1 * p, n2 * p)
 
     def train(self, x_train: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
         """``K(X, X)`` for each name, symmetrised, computed once. An architecture's NTK
@@ -117,9 +157,72 @@ class TrainingKernels:
         if self.net is not None and "ntk" in missing and "nngp" not in self.training:
             missing = tuple(dict.fromkeys((*missing, "nngp")))
         if missing:
-            for name, value in self(x_train, None, missing).items():
+            for name, value in self(x_train, None, missing, self.side_train).items():
                 self.training[name] = 0.5 * (value + value.T)
         return {name: self.training[name] for name in names}
+
+
+def training_targets(x_train: object, y_train: object, name: str = "y_train",
+                     inputs: str = "x_train") -> tuple[Tensor, Tensor]:
+    """``x_train`` as a tensor and ``y_train`` as a float64 tensor with one row per input.
+
+    Targets are ``(N,)`` or ``(N, outputs)``; for a network whose outputs keep their
+    positions ``P``, ``(N, *P)`` or ``(N, *P, outputs)`` (checked by
+    :func:`point_targets` once the kernels tell ``P``)."""
+    xt = as_data_tensor(x_train, inputs)
+    if isinstance(y_train, torch.Tensor):
+        y = y_train
+    elif isinstance(y_train, (np.ndarray, np.generic, Sequence)) and not isinstance(
+            y_train, (str, bytes)):
+        y = torch.as_tensor(np.asarray(y_train))
+    else:
+        raise TypeError(f"{name} must be a tensor or an array with {xt.shape[0]} rows, got "
+                        f"{type(y_train).__name__}")
+    if y.ndim > 2:
+        t = as_data_tensor(y.double() if not y.is_floating_point() else y, name,
+                           layout_warning=False)
+    else:
+        t = as_targets(y, xt.shape[0], name, inputs)[0]
+        t = t[:, 0] if y.ndim == 1 else t
+    if t.shape[0] != xt.shape[0]:
+        raise ValueError(f"{name} must have one row per input of {inputs} ({xt.shape[0]}), "
+                         f"got shape {tuple(t.shape)}")
+    return xt, t.to(torch.float64)
+
+
+def point_targets(
+    y: Tensor, positions: tuple[int, ...] | None, name: str = "y_train"
+) -> tuple[Tensor, tuple[int, ...]]:
+    """Targets of :func:`training_targets` as ``(points, outputs)`` rows for kernels of
+    (example, position) points, and the per-example shape that predictions take back
+    (:func:`per_example`)."""
+    tail = tuple(y.shape[1:])
+    if not positions:
+        if len(tail) > 1:
+            raise ValueError(f"{name} must be (N,) or (N, outputs), got {tuple(y.shape)}")
+        return (y[:, None] if not tail else y), tail
+    if tail != positions and tail[:-1] != positions:
+        raise ValueError(
+            f"the network's outputs keep their positions {positions}: {name} must be "
+            f"(N, *positions) = {(y.shape[0], *positions)} or (N, *positions, outputs), "
+            f"got {tuple(y.shape)}"
+        )
+    outputs = 1 if tail == positions else tail[-1]
+    return y.reshape(-1, outputs), tail
+
+
+def per_example(values: Tensor, tail: tuple[int, ...]) -> Tensor:
+    """Predictions ``(..., points, outputs)`` as ``(..., M, *tail)``."""
+    return values.reshape(*values.shape[:-2], -1, *tail)
+
+
+def point_covariance(cov: Tensor, positions: tuple[int, ...] | None) -> Tensor:
+    """A covariance ``(..., M P, M P)`` of (example, position) points as ``(..., M, *P, M,
+    *P)`` (unchanged without positions)."""
+    if not positions:
+        return cov
+    lead, m = cov.shape[:-2], cov.shape[-1] // math.prod(positions)
+    return cov.reshape(*lead, m, *positions, m, *positions)
 
 
 def check_get(get: object) -> str:

@@ -6,8 +6,15 @@ import math
 
 import torch
 
-from ..inputs import as_data_tensor, check_nonnegative
-from .common import KernelSource, TrainingKernels, as_targets, check_get, cholesky
+from ..inputs import check_nonnegative
+from .common import (
+    KernelSource,
+    TrainingKernels,
+    check_get,
+    cholesky,
+    point_targets,
+    training_targets,
+)
 
 Tensor = torch.Tensor
 
@@ -31,6 +38,9 @@ def marginal_log_likelihood(
     y: object,
     get: str = "nngp",
     diag_reg: float | Tensor = 0.0,
+    *,
+    mask: object | None = None,
+    adjacency: object | None = None,
 ) -> Tensor:
     r"""The log marginal likelihood (the evidence) of targets ``y`` under the Gaussian
     process of a network's kernel.
@@ -57,6 +67,10 @@ def marginal_log_likelihood(
     or a kernel of low rank, with too small a ``diag_reg``) raises a ``ValueError``
     suggesting a larger ``diag_reg``; the result is never NaN.
 
+    ``mask`` and ``adjacency``: those of ``x`` (as ``mask1``, ``adjacency1`` of
+    ``net.kernel``). A network whose outputs keep their positions ``P`` takes ``y`` as
+    ``(N, *P)`` or ``(N, *P, outputs)``: every (example, position) is a point.
+
     Maximising it fits the kernel's hyperparameters and the noise (type-II maximum
     likelihood), with positivity through ``softplus`` (or ``exp``) of unconstrained
     parameters::
@@ -77,12 +91,12 @@ def marginal_log_likelihood(
             loss.backward()
             optimizer.step()
     """
-    kernels = TrainingKernels(net_or_kernel_fn)
+    kernels = TrainingKernels(net_or_kernel_fn, (mask, adjacency))
     name = check_get(get)
-    xt = as_data_tensor(x, "x")
-    yt = as_targets(y, xt.shape[0], "y", "x")[0]
+    xt, y_rows = training_targets(x, y, "y", "x")
     reg, reg_value = _regularisation(diag_reg)
-    k = kernels(xt, None, (name,))[name]
+    k = kernels(xt, None, (name,), (mask, adjacency))[name]
+    yt = point_targets(y_rows, kernels.positions, "y")[0]
     yt = yt.to(device=k.device, dtype=torch.float64)
     eye = torch.eye(k.shape[0], dtype=torch.float64, device=k.device)
     if isinstance(reg, torch.Tensor):

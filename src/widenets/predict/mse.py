@@ -23,10 +23,13 @@ from .common import (
     as_targets,
     as_times,
     check_get,
+    per_example,
+    point_covariance,
+    point_targets,
     restore_shape,
     spectral_filters,
     test_inputs,
-    training_data,
+    training_targets,
 )
 
 Tensor = torch.Tensor
@@ -38,6 +41,9 @@ def gradient_descent_mse_ensemble(
     y_train: object,
     learning_rate: float = 1.0,
     diag_reg: float = 0.0,
+    *,
+    mask_train: object | None = None,
+    adjacency_train: object | None = None,
 ) -> Callable[..., tuple[Tensor, Tensor | None]]:
     r"""Mean and covariance, over initialisations, of the infinitely wide network trained
     by gradient flow on ``L = 1/2 sum (f - y)^2`` for a time ``t``.
@@ -61,30 +67,37 @@ def gradient_descent_mse_ensemble(
     number, a 1-D tensor of times (a leading time axis is added) or ``None`` for
     ``t = inf``; ``mean`` has the shape of ``y`` with ``len(x_test)`` rows; ``cov`` is
     ``(len(x_test), len(x_test))`` (``None`` unless ``compute_cov``).
+
+    Sequences, graphs and positional outputs: ``mask_train``, ``adjacency_train`` and
+    ``fn``'s ``mask_test``, ``adjacency_test``, and the shapes of targets and
+    predictions, as for :func:`~widenets.predict.gp_inference`.
     """
-    kernels = TrainingKernels(net_or_kernels)
-    xt, yt, is_vector = training_data(x_train, y_train)
+    kernels = TrainingKernels(net_or_kernels, (mask_train, adjacency_train))
+    xt, y_train_rows = training_targets(x_train, y_train)
     lr = check_nonnegative(learning_rate, "learning_rate")
     reg = check_nonnegative(diag_reg, "diag_reg")
-    spectra: dict[str, tuple[Spectrum, Tensor]] = {}
+    spectra: dict[str, tuple[Spectrum, Tensor, tuple[int, ...]]] = {}
 
-    def spectrum(get: str) -> tuple[Spectrum, Tensor]:
+    def spectrum(get: str) -> tuple[Spectrum, Tensor, tuple[int, ...]]:
         if get not in spectra:
             k = kernels.train(xt, (get,))[get]
+            yt, tail = point_targets(y_train_rows, kernels.positions)
             decomposition = Spectrum(k, reg, f"the training {get.upper()} kernel")
-            spectra[get] = (decomposition, decomposition.vectors.T @ yt.to(k.device))
+            spectra[get] = (decomposition, decomposition.vectors.T @ yt.to(k.device), tail)
         return spectra[get]
 
     def predict(
         x_test: object, t: float | Tensor | None = None, get: str = "ntk",
-        compute_cov: bool = True,
+        compute_cov: bool = True, *, mask_test: object | None = None,
+        adjacency_test: object | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         name = check_get(get)
         xs = test_inputs(x_test, xt)
         times, scalar_time = as_times(t)
-        decomposition, projected_y = spectrum(name)
+        decomposition, projected_y, tail = spectrum(name)
         names = ("nngp", "ntk") if compute_cov and name == "ntk" else (name,)
-        k_tx = kernels(xs, xt.to(xs.dtype), names)
+        side = (mask_test, adjacency_test)
+        k_tx = kernels(xs, xt.to(xs.dtype), names, side)
         device = decomposition.vectors.device
         _, gain = spectral_filters(decomposition.values, lr, times.to(device), False)
         # T(x, X) V: (M, N); P(t) = T(x, X) V diag(gain_t) V^T.
@@ -95,10 +108,11 @@ def gradient_descent_mse_ensemble(
             p = torch.einsum("mk,tk,nk->tmn", test_modes, gain, decomposition.vectors)
             k_train = kernels.train(xt, ("nngp",))["nngp"].to(device)
             cross = p @ k_tx["nngp"].to(device).T  # P K(X, x)
-            k_tt = kernels(xs, None, ("nngp",))["nngp"].to(device)
+            k_tt = kernels(xs, None, ("nngp",), side)["nngp"].to(device)
             cov = k_tt + p @ k_train @ p.transpose(1, 2) - cross - cross.transpose(1, 2)
-            cov = (0.5 * (cov + cov.transpose(1, 2))).to(xs.dtype)
-        mean = restore_shape(mean, is_vector).to(xs.dtype)
+            cov = point_covariance(0.5 * (cov + cov.transpose(1, 2)),
+                                   kernels.positions).to(xs.dtype)
+        mean = per_example(mean, tail).to(xs.dtype)
         if scalar_time:
             return mean[0], None if cov is None else cov[0]
         return mean, cov

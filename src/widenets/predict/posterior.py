@@ -12,9 +12,11 @@ from .common import (
     TrainingKernels,
     check_get,
     cholesky,
-    restore_shape,
+    per_example,
+    point_covariance,
+    point_targets,
     test_inputs,
-    training_data,
+    training_targets,
 )
 
 Tensor = torch.Tensor
@@ -25,6 +27,9 @@ def gp_inference(
     x_train: object,
     y_train: object,
     diag_reg: float = 0.0,
+    *,
+    mask_train: object | None = None,
+    adjacency_train: object | None = None,
 ) -> Callable[..., tuple[Tensor, Tensor | None]]:
     r"""The exact Gaussian-process posterior of an infinitely wide network.
 
@@ -43,33 +48,43 @@ def gp_inference(
     ``(len(x_test), len(x_test))`` (``None`` unless ``compute_cov``). The training
     kernel and its Cholesky factor are computed once per ``get``; a training kernel that
     is not positive definite raises a ``ValueError`` suggesting ``diag_reg``.
-    """
-    kernels = TrainingKernels(net_or_kernels)
-    xt, yt, is_vector = training_data(x_train, y_train)
-    reg = check_nonnegative(diag_reg, "diag_reg")
-    factors: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def factor(get: str) -> tuple[Tensor, Tensor]:
+    Sequences and graphs: ``mask_train`` and ``adjacency_train`` are those of ``x_train``
+    (as ``mask1``, ``adjacency1`` of ``net.kernel``), ``mask_test`` and
+    ``adjacency_test`` of ``fn`` those of ``x_test``. A network whose outputs keep their
+    positions ``P`` predicts every (example, position) point: ``y_train`` is then
+    ``(N, *P)`` or ``(N, *P, outputs)``, ``mean`` ``(len(x_test), *P[, outputs])`` and
+    ``cov`` ``(len(x_test), *P, len(x_test), *P)``.
+    """
+    kernels = TrainingKernels(net_or_kernels, (mask_train, adjacency_train))
+    xt, y_train_rows = training_targets(x_train, y_train)
+    reg = check_nonnegative(diag_reg, "diag_reg")
+    factors: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}
+
+    def factor(get: str) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         if get not in factors:
             k = kernels.train(xt, (get,))[get]
+            yt, tail = point_targets(y_train_rows, kernels.positions)
             k = k + reg * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
             chol = cholesky(k, f"training {get.upper()} kernel")
-            factors[get] = (chol, torch.cholesky_solve(yt.to(k.device), chol))
+            factors[get] = (chol, torch.cholesky_solve(yt.to(k.device), chol), tail)
         return factors[get]
 
     def predict(
-        x_test: object, get: str = "nngp", compute_cov: bool = True
+        x_test: object, get: str = "nngp", compute_cov: bool = True, *,
+        mask_test: object | None = None, adjacency_test: object | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         name = check_get(get)
         xs = test_inputs(x_test, xt)
-        chol, alpha = factor(name)
-        k_tx = kernels(xs, xt.to(xs.dtype), (name,))[name]
-        mean = restore_shape(k_tx @ alpha, is_vector).to(xs.dtype)
+        side = (mask_test, adjacency_test)
+        chol, alpha, tail = factor(name)
+        k_tx = kernels(xs, xt.to(xs.dtype), (name,), side)[name]
+        mean = per_example(k_tx @ alpha, tail).to(xs.dtype)
         if not compute_cov:
             return mean, None
         v = torch.linalg.solve_triangular(chol, k_tx.T, upper=False)
-        k_tt = kernels(xs, None, (name,))[name]
+        k_tt = kernels(xs, None, (name,), side)[name]
         cov = k_tt - v.T @ v
-        return mean, (0.5 * (cov + cov.T)).to(xs.dtype)
+        return mean, point_covariance(0.5 * (cov + cov.T), kernels.positions).to(xs.dtype)
 
     return predict
