@@ -26,7 +26,8 @@ from workloads import WORKLOADS, describe, inputs, widenets_net  # noqa: E402
 
 #: Rows of each workload's inputs used here: a gradient keeps every layer's tiles alive
 #: for the backward pass, so the full workloads would measure memory, not arithmetic.
-ROWS = {"fc-relu-3": 2000, "fc-erf-10": 1500, "cnn-flatten": 200, "cnn-gap": 32}
+ROWS = {"fc-relu-3": 2000, "fc-erf-10": 1500, "cnn-flatten": 200, "cnn-gap": 32,
+        "attn-2": 64}
 
 
 def seconds(call: Callable[[], object]) -> float:

@@ -25,7 +25,13 @@ WORKLOADS: dict[str, dict] = {
                         shape=(400, 3, 8, 8)),
     "cnn-gap": dict(kind="cnn", depth=3, activation="relu", readout="gap",
                     shape=(64, 3, 8, 8)),
+    "attn-2": dict(kind="attention", depth=2, activation="relu", shape=(64, 8, 16)),
 }
+
+#: The attention workload's layers (Neural Tangents' ``GlobalSelfAttention`` arguments):
+#: softmax, logits scaled by 1 / n_key (tied keys and queries), 4 heads.
+ATTENTION = dict(n_heads=4, W_key_std=1.0, W_query_std=1.0, W_value_std=1.2, W_out_std=1.0,
+                 b_std=B_STD)
 
 
 def describe(name: str) -> str:
@@ -34,6 +40,9 @@ def describe(name: str) -> str:
     shape = "x".join(map(str, spec["shape"]))
     if spec["kind"] == "fc":
         return f"{spec['depth']} x (Dense 64 + {spec['activation']}), inputs {shape}"
+    if spec["kind"] == "attention":
+        return (f"Dense 64 + relu, {spec['depth']} x (softmax attention, 4 heads + relu) + "
+                f"gap, sequences {shape} (N, C, L)")
     return (f"{spec['depth']} x (Conv 64 3x3 same + {spec['activation']}) + "
             f"{spec['readout']}, images {shape}")
 
@@ -50,4 +59,11 @@ def widenets_net(name: str):
     spec = WORKLOADS[name]
     if spec["kind"] == "fc":
         return mlp(spec["depth"], spec["activation"], 64, W_STD, B_STD)
+    if spec["kind"] == "attention":
+        import widenets as wn
+
+        layers = [wn.Conv1d(64, 1, W_std=W_STD, b_std=B_STD), wn.ReLU()]
+        for _ in range(spec["depth"]):
+            layers += [wn.SelfAttention(**ATTENTION), wn.ReLU()]
+        return wn.Sequential(*layers, wn.GlobalAvgPool(), wn.Linear(1, W_STD, B_STD))
     return cnn(spec["depth"], spec["activation"], 64, spec["readout"], W_STD, B_STD)

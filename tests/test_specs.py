@@ -156,9 +156,9 @@ def resume_counting(net: wn.Layer, store: Path, monkeypatch) -> tuple[object, li
     computed = []
     original = tiles_module.compute_tile
 
-    def counting(net_, x1, x2, tile, names):
+    def counting(net_, x1, x2, tile, names, *side):
         computed.append(tile.key)
-        return original(net_, x1, x2, tile, names)
+        return original(net_, x1, x2, tile, names, *side)
 
     monkeypatch.setattr(tiles_module, "compute_tile", counting)
     result = wn.kernel_matrix(net, X, get=("nngp", "ntk"), tile=4, store=store,
