@@ -23,6 +23,8 @@ from widenets import testing
 from widenets.layers import Activation
 from widenets.specs import NotCanonicalError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 #: An Elementwise activation holding a lambda: it has no canonical spec and cannot be
 #: pickled, which the kit must accept for it (and only for such layers).
 LAMBDA = lambda x: torch.sin(x) + 0.5 * x  # noqa: E731
@@ -192,16 +194,6 @@ GROUPS = {
     "monte_carlo": ("monte_carlo",),
     "spec": ("spec", "pickle"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: the checks run many tiny operations, which a second thread slows down
-    (measured: about 1.7 times faster on a 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _checks(group: str) -> tuple[str, ...]:

@@ -16,6 +16,8 @@ import matplotlib.image  # noqa: E402
 
 import widenets as wn  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "dataset_distillation.py"
 
 
@@ -24,15 +26,6 @@ def load_example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels: one thread is faster than two that contend; the setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -9,22 +9,13 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-import torch
 
 matplotlib.use("Agg")
 import matplotlib.image  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The examples' networks are tiny: one thread is faster than two that contend with
-    other work on the machine. Results do not depend on it; the setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_example(name: str, out: Path) -> dict:

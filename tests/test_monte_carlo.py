@@ -32,6 +32,8 @@ import torch
 
 import widenets as wn
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DTYPE = torch.float64
 N1, N2, D = 5, 4, 6
 NARROW, WIDE = 128, 2048
@@ -54,19 +56,6 @@ NNGP_ERROR_BOUND_WIDE = 0.15  # about 6.8 / sqrt(WIDE)
 ERROR_BOUND_WIDE = {"ntk": NTK_ERROR_BOUND_WIDE, "nngp": NNGP_ERROR_BOUND_WIDE}
 # 16 times wider: the error should be about sqrt(16) = 4 times smaller. Ask for at least 2.
 MIN_IMPROVEMENT = 2.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's large Jacobians on one thread, then restore the setting.
-
-    On a busy 2-core machine, torch's thread pool waits on the other thread so much that
-    the module took 2 to 3 times longer with 2 threads than with 1.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _inputs(n: int, seed: int) -> torch.Tensor:

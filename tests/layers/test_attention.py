@@ -32,17 +32,10 @@ from widenets.layers.attention import (
 )
 from widenets.testing import check_layer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DATA = Path(__file__).parents[1] / "data" / "nt_reference_attention.npz"
 DTYPE = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster than two on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def exp_decay(d: torch.Tensor) -> torch.Tensor:

@@ -31,15 +31,6 @@ def attention_reference() -> np.lib.npyio.NpzFile:
     return np.load(DATA / "nt_reference_attention.npz")
 
 
-@pytest.fixture
-def _one_thread():
-    """Tiny tensors: one thread is faster than two on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
 
@@ -276,7 +267,7 @@ def _typical_error(estimates: list[torch.Tensor], exact: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kind", ["nngp", "ntk"])
-def test_monte_carlo_twin_converges(kind, _one_thread):
+def test_monte_carlo_twin_converges(kind, one_thread):
     """Train-mode twins converge to the exact kernel (``x2=None``) like ``1/sqrt(width)``:
     the typical error of a 4-twin estimate (RMS over 6 of them) falls at least 1.4 times
     for each 4 times the width (2 predicted), ``error * sqrt(width)`` stays bounded, and
@@ -308,12 +299,12 @@ def test_monte_carlo_twin_converges(kind, _one_thread):
 
 # ------------------------------------------------------------------ contract kit
 @pytest.mark.parametrize("shape", [(3,), (1, 5, 5)])
-def test_contract_kit(shape, _one_thread):
+def test_contract_kit(shape, one_thread):
     report = testing.check_layer(Dropout(0.3), shape)
     assert set(report) >= {"kernels", "consistency", "monte_carlo", "spec", "pickle"}
 
 
-def test_contract_kit_identity_and_pooling(_one_thread):
+def test_contract_kit_identity_and_pooling(one_thread):
     testing.check_layer(Dropout(0), (3,), checks=["kernels", "consistency", "spec"])
     testing.check_layer(Dropout(0.5), (1, 4, 4), after=[wn.GlobalAvgPool(), wn.Linear(1)],
                         checks=["kernels", "consistency", "fast_paths", "float32"])
@@ -334,7 +325,7 @@ class _Undeclared(Dropout):
         return False
 
 
-def test_contract_kit_catches_wrong_dropouts(_one_thread):
+def test_contract_kit_catches_wrong_dropouts(one_thread):
     with pytest.raises(AssertionError, match="converges to another kernel"):
         testing.check_layer(_NoCorrection(0.5), (3,), checks=["monte_carlo"])
     with pytest.raises(AssertionError, match="x2=None vs x2=x1"):
