@@ -485,3 +485,57 @@ def test_gradients_on_device_match_cpu(get):
         grads[device] = tuple(g.cpu() for g in torch.autograd.grad(kernel.sum(), (a, w)))
     for got, expected in zip(grads[DEVICE], grads["cpu"]):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+SEQUENCE_NETS = {
+    "attention-masked": lambda: wn.Sequential(
+        wn.Conv1d(64, 3, padding="same", W_std=W_STD, b_std=B_STD), wn.ReLU(),
+        wn.SelfAttention(n_heads=2, b_std=0.1, causal=True, pos_emb="sum"), wn.Erf(),
+        wn.GlobalAvgPool(), wn.Linear(1)),
+    "graph-dropout": lambda: wn.Sequential(
+        wn.Conv1d(64, 1, dilation=2, W_std=W_STD, b_std=B_STD), wn.ReLU(), wn.Dropout(0.2),
+        wn.Aggregate(), wn.Conv1d(64, 1), wn.ReLU(), wn.GlobalAvgPool(), wn.Linear(1)),
+    "seq2seq": lambda: wn.Sequential(
+        wn.Conv1d(64, 3, padding="same", W_std=W_STD, b_std=B_STD), wn.ReLU(),
+        wn.SelfAttention(b_std=0.1), wn.Conv1d(1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCE_NETS))
+def test_sequence_layers_with_masks_and_graphs_on_device_match_cpu(name):
+    net = SEQUENCE_NETS[name]()
+    x1, x2 = normal(5, 3, 7, seed=31), normal(4, 3, 7, seed=32)
+    lengths1, lengths2 = torch.tensor([7, 3, 5, 1, 6]), torch.tensor([2, 7, 4, 7])
+    side = {"mask1": torch.arange(7) < lengths1[:, None],
+            "mask2": torch.arange(7) < lengths2[:, None]}
+    if name == "graph-dropout":
+        side["adjacency1"] = (normal(5, 7, 7, seed=33) > 0).double()
+        side["adjacency2"] = (normal(4, 7, 7, seed=34) > 0).double()
+    on_device = {key: value.to(DEVICE) for key, value in side.items()}
+    for second in (None, x2):
+        pick = (lambda d: {k: v for k, v in d.items() if k.endswith("1")}) if second is None \
+            else (lambda d: d)
+        cpu = net.kernel(x1, second, get=("nngp", "ntk"), **pick(side))
+        gpu = net.kernel(x1.to(DEVICE), None if second is None else second.to(DEVICE),
+                         get=("nngp", "ntk"), **pick(on_device))
+        for kernel in ("nngp", "ntk"):
+            assert gpu[kernel].device.type == torch.device(DEVICE).type
+            scale = float(cpu[kernel].abs().max())
+            error = float((gpu[kernel].cpu() - cpu[kernel]).abs().max()) / scale
+            assert error < KERNEL_TOLERANCE[torch.float64], (kernel, error)
+
+
+def test_masked_twin_and_monte_carlo_on_device():
+    net = SEQUENCE_NETS["attention-masked"]()
+    x = normal(4, 3, 7, seed=35)
+    mask = torch.arange(7) < torch.tensor([7, 3, 5, 2])[:, None]
+    twin = net.build((3, 7), torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = twin(x, mask=mask)
+    got = twin.to(DEVICE)(x.to(DEVICE), mask=mask.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-12)
+    estimate = wn.monte_carlo_kernel(net, x.to(DEVICE), None, get="ntk", n_samples=2,
+                                     generator=torch.Generator().manual_seed(1),
+                                     mask1=mask.to(DEVICE))
+    reference = wn.monte_carlo_kernel(net, x, None, get="ntk", n_samples=2,
+                                      generator=torch.Generator().manual_seed(1), mask1=mask)
+    torch.testing.assert_close(estimate.cpu(), reference, rtol=1e-8, atol=1e-10)
