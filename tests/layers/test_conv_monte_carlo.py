@@ -36,11 +36,9 @@ import torch
 import torch.nn.functional as F
 
 import widenets as wn
-from tests.test_monte_carlo import (
-    _one_thread,  # noqa: F401  (the autouse one-thread fixture)
-    check_build_is_reproducible,
-    relative_error,
-)
+from tests.test_monte_carlo import check_build_is_reproducible, relative_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DTYPE = torch.float64
 N1, N2, C_IN = 4, 3, 2
