@@ -185,6 +185,39 @@ def _check_batch_norm_eval(model: nn.Module) -> None:
             )
 
 
+def _check_no_training_dropout(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p:
+            raise ValueError(
+                f"empirical_ntk differentiates each example in its own forward pass, so "
+                f"{name or 'the model'}'s training-mode dropout would draw other masks in "
+                "each; call model.eval() for the network without dropout, or use "
+                "widenets.empirical.one_pass_ntk, which keeps one forward pass's masks"
+            )
+
+
+def one_pass_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The empirical NTK ``(N1, N2)`` (mean over outputs) of ``model`` from the Jacobian of
+    one forward pass of each whole batch, so that the noise drawn in a pass (training-mode
+    dropout masks, one per example) is the same in every derivative: the kernel of a
+    network trained with dropout (``x2`` given: a second pass with its own masks). Holds
+    the full Jacobians in memory: for Monte Carlo estimates on small batches."""
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def jacobian(x: torch.Tensor) -> torch.Tensor:
+        def outputs(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.func.functional_call(model, parameters, (x,)).reshape(x.shape[0], -1)
+
+        parts = torch.func.jacrev(outputs)(params)
+        return torch.cat([part.reshape(x.shape[0], -1, part[0, 0].numel())
+                          for part in parts.values()], dim=2)
+
+    first = jacobian(x1)
+    second = first if x2 is None else jacobian(x2)
+    return torch.einsum("aoq,boq->ab", first, second) / first.shape[1]
+
+
 def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the buffers: a forward in training mode (BatchNorm running statistics)
     updates the copies, never the model."""
@@ -471,6 +504,7 @@ def empirical_ntk(
     progress = check_progress(progress)
     t1, t2 = _model_inputs(model, x1, x2)
     _check_batch_norm_eval(model)
+    _check_no_training_dropout(model)
     model = private_copy(model)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not params:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .empirical import empirical_nngp, empirical_ntk
+from .empirical import empirical_nngp, empirical_ntk, one_pass_ntk
 from .engine import checked_side_inputs
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
@@ -99,6 +99,11 @@ def monte_carlo_kernel(
     interleave in an unpredictable order. Raises ``ValueError`` if a twin's kernel
     overflows the dtype (see :func:`~widenets.empirical_ntk`).
 
+    A network with ``Dropout`` (:func:`has_noise_on_self_pairs`) is run in training mode
+    with one forward pass per batch (``widenets.empirical.one_pass_ntk`` for the NTK),
+    whose masks come from torch's global random generator: seed it
+    (``torch.manual_seed``) for reproducible estimates.
+
     ``mask1``, ``mask2``, ``adjacency1``, ``adjacency2``: as for ``net.kernel``. The twins
     receive them with each example (carried as extra input channels that the twin strips
     off, so every way of computing the empirical kernels sees them).
@@ -114,23 +119,38 @@ def monte_carlo_kernel(
         t1 = carried.attach(t1, side[0], side[2])
         t2 = None if t2 is None else carried.attach(t2, side[1], side[3])
     totals: dict[str, torch.Tensor] = {}
+    noisy = has_noise_on_self_pairs(net)
     for _ in tqdm(range(n_samples), disable=not progress, desc="monte carlo", unit="net"):
         shape = tuple(t1.shape[1:]) if carried is None else carried.input_shape
         model = net.build(shape, generator, dtype=t1.dtype, device=t1.device)
         if carried is not None:
             model = SideChannels(model, carried)
         for name in names:
-            fn = empirical_ntk if name == "ntk" else empirical_nngp
             with warnings.catch_warnings():
                 if carried is not None:  # the carried channels are ours; x1, x2 were checked
                     warnings.filterwarnings("ignore", message=".*channels last",
                                             category=UserWarning)
-                value = fn(model, t1, t2)
+                if name == "nngp":
+                    value = empirical_nngp(model, t1, t2)
+                elif noisy:  # dropout: one pass per batch keeps its masks fixed
+                    value = one_pass_ntk(model, t1, t2)
+                else:
+                    value = empirical_ntk(model, t1, t2)
             totals[name] = value if name not in totals else totals[name] + value
     means = {name: total / n_samples for name, total in totals.items()}
     if isinstance(get, str):
         return means[get]
     return Kernels(**means)
+
+
+def has_noise_on_self_pairs(net: Layer) -> bool:
+    """Whether a layer of ``net`` (itself or a sublayer, :meth:`~widenets.Layer.walk`)
+    declares ``noise_on_self_pairs = True``: its finite twin draws fresh noise for every
+    example in each forward pass (``Dropout``), so ``kernel(x1)`` carries extra variance on
+    the entries that pair an input with itself, which ``kernel(x1, x1)`` (two calls,
+    independent noise) does not. A layer declares it as a class attribute or a property;
+    it is looked up with ``getattr``, so layers without it are noise-free."""
+    return any(getattr(layer, "noise_on_self_pairs", False) for layer in net.walk())
 
 
 @dataclass(frozen=True)

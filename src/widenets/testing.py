@@ -149,7 +149,7 @@ from .layers import (
     Sequential,
 )
 from .layers.derived import DerivedSideInputs, SideInputsFunction, example_graphs, example_masks
-from .monte_carlo import monte_carlo_kernel
+from .monte_carlo import has_noise_on_self_pairs, monte_carlo_kernel
 from .paths import straightforward
 from .specs import NotCanonicalError, from_spec
 
@@ -196,17 +196,6 @@ _CONVOLUTIONS = {1: Conv1d, 2: Conv2d, 3: Conv3d}
 # ------------------------------------------------------------------ helpers
 def _fail(message: str) -> NoReturn:
     raise AssertionError(message)
-
-
-def has_noise_on_self_pairs(net: Layer) -> bool:
-    """Whether a layer of ``net`` (itself or a sublayer, :meth:`~widenets.Layer.walk`)
-    declares ``noise_on_self_pairs = True``: its finite twin draws fresh noise for every
-    example in each forward pass (``Dropout``), so ``kernel(x1)`` carries extra variance on
-    the entries that pair an input with itself, which ``kernel(x1, x1)`` (two calls,
-    independent noise) does not. The kit then adapts the checks that compare these (see
-    the module docstring). A layer declares it as a class attribute or a property; it
-    is looked up with ``getattr``, so layers without it are noise-free."""
-    return any(getattr(layer, "noise_on_self_pairs", False) for layer in net.walk())
 
 
 def _kernels(net: Layer, x1, x2=None, **kwargs) -> dict[str, torch.Tensor]:
@@ -518,37 +507,6 @@ def _global_rng_seeded(seed: int | None, device: torch.device) -> Iterator[None]
             yield
 
 
-def _one_pass_ntk(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The empirical NTK ``(N, N)`` (mean over outputs) of ``model`` on ``x`` from the
-    Jacobian of ONE forward pass of the whole batch: the noise drawn in that pass (dropout
-    masks, one per example) is the same in every derivative."""
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-    def outputs(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = torch.func.functional_call(model, parameters, (x,))
-        return out.reshape(x.shape[0], -1)
-
-    jacobians = torch.func.jacrev(outputs)(params)
-    n = x.shape[0]
-    n_out = next(iter(jacobians.values())).shape[1]  # a twin has weights (checked before)
-    kernel = torch.zeros(n, n, dtype=x.dtype, device=x.device)
-    for jacobian in jacobians.values():
-        flat = jacobian.reshape(n, n_out, -1)
-        kernel = kernel + torch.einsum("aoq,boq->ab", flat, flat)
-    return kernel / n_out
-
-
-def _noisy_monte_carlo_ntk(
-    net: Layer, x: torch.Tensor, n_samples: int, generator: torch.Generator
-) -> torch.Tensor:
-    """``monte_carlo_kernel(net, x, get="ntk")`` with ``_one_pass_ntk`` per twin."""
-    total = torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
-    for _ in range(n_samples):
-        model = net.build(tuple(x.shape[1:]), generator, dtype=x.dtype, device=x.device)
-        total = total + _one_pass_ntk(model, x)
-    return total / n_samples
-
-
 def check_monte_carlo(
     net: Layer,
     x1: torch.Tensor,
@@ -585,7 +543,7 @@ def check_monte_carlo(
     seeded with ``seed`` for the estimates and restored afterwards; the NNGP estimate is
     one forward pass of ``x`` per twin (each example its own mask, as the kernel of
     ``x2=None`` assumes), and the NTK estimate is the Jacobian of one forward pass of the
-    whole batch per twin (``_one_pass_ntk``), so that the masks are the same in
+    whole batch per twin (``widenets.empirical.one_pass_ntk``), so that the masks are the same in
     every derivative: ``empirical_ntk`` evaluates the model per example under
     ``torch.func.vmap``, which refuses random operations.
 
@@ -616,12 +574,9 @@ def check_monte_carlo(
             generator = torch.Generator().manual_seed(seed)
             squared, total = 0.0, torch.zeros_like(exact)
             with _global_rng_seeded(seed if noisy else None, x.device):
-                samples = [
-                    _noisy_monte_carlo_ntk(twin_net, x, n_samples, generator)
-                    if noisy and name == "ntk" else
-                    monte_carlo_kernel(twin_net, x, get=name, n_samples=n_samples,
-                                       generator=generator)
-                    for _ in range(estimates)]
+                samples = [monte_carlo_kernel(twin_net, x, get=name, n_samples=n_samples,
+                                              generator=generator)
+                           for _ in range(estimates)]
             for estimate in samples:
                 if estimate.shape != exact.shape:
                     _fail(f"Monte Carlo {name.upper()} has shape {tuple(estimate.shape)}, the "

@@ -372,3 +372,24 @@ def test_gradcheck_images_paired_layout():
                         wn.GlobalAvgPool(), wn.Linear(1))
     x = _randn(2, 1, 2, 3, seed=11).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: net.kernel(a, get="ntk"), (x,))
+
+
+def test_monte_carlo_kernel_of_a_dropout_network_keeps_one_pass_masks():
+    """``monte_carlo_kernel`` uses one forward pass per batch for a network with Dropout
+    (``empirical_ntk``, one pass per example, refuses such a twin with a clear error)."""
+    net = _mc_net(64, 1)
+    x = MC_X
+    torch.manual_seed(3)
+    estimate = wn.monte_carlo_kernel(net, x, None, get="ntk", n_samples=2,
+                                     generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(3)
+    generator = torch.Generator().manual_seed(4)
+    expected = sum(_one_pass_ntk(net.build(tuple(x.shape[1:]), generator,
+                                           dtype=torch.float64), x)
+                   for _ in range(2)) / 2
+    torch.testing.assert_close(estimate, expected, rtol=1e-12, atol=1e-14)
+    model = net.build(tuple(x.shape[1:]), dtype=torch.float64)
+    with pytest.raises(ValueError, match="model.eval()"):
+        wn.empirical_ntk(model, x)
+    model.eval()
+    assert torch.isfinite(wn.empirical_ntk(model, x)).all()
