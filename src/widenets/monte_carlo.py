@@ -99,10 +99,9 @@ def monte_carlo_kernel(
     interleave in an unpredictable order. Raises ``ValueError`` if a twin's kernel
     overflows the dtype (see :func:`~widenets.empirical_ntk`).
 
-    A network with ``Dropout`` (:func:`widenets.testing.has_noise_on_self_pairs`) is run in
-    training mode
-    with one forward pass per batch (``widenets.empirical.one_pass_ntk`` for the NTK),
-    whose masks come from torch's global random generator: seed it
+    A network with ``Dropout`` (:func:`widenets.testing.has_noise_on_self_pairs`) is run
+    in training mode with one forward pass per batch (``widenets.empirical.one_pass_ntk``
+    for the NTK), whose masks come from torch's global random generator: seed it
     (``torch.manual_seed``) for reproducible estimates.
 
     ``mask1``, ``mask2``, ``adjacency1``, ``adjacency2``: as for ``net.kernel``. The twins

@@ -95,7 +95,7 @@ inputs together):
     Gaussians whose noise does not shrink with the width. For a network with noise on
     self-pairs the noise is drawn from torch's global generator, seeded and restored, and
     the NTK of a twin is the Jacobian of one forward pass of the whole batch (masks
-    fixed across the derivatives; ``monte_carlo_kernel`` cannot do this).
+    fixed across the derivatives, as ``monte_carlo_kernel`` does for such networks).
 ``"maps"`` (:func:`check_activation_maps`, activations only)
     ``nngp_map`` and ``derivative_map`` equal ``E[phi(u) phi(v)]`` and ``E[phi'(u)
     phi'(v)]`` (``phi = apply``, ``phi'`` by autograd) of correlated Gaussians to
@@ -543,9 +543,9 @@ def check_monte_carlo(
     seeded with ``seed`` for the estimates and restored afterwards; the NNGP estimate is
     one forward pass of ``x`` per twin (each example its own mask, as the kernel of
     ``x2=None`` assumes), and the NTK estimate is the Jacobian of one forward pass of the
-    whole batch per twin (``widenets.empirical.one_pass_ntk``), so that the masks are the same in
-    every derivative: ``empirical_ntk`` evaluates the model per example under
-    ``torch.func.vmap``, which refuses random operations.
+    whole batch per twin (``widenets.empirical.one_pass_ntk``, which
+    ``monte_carlo_kernel`` uses for such networks), so that the masks are the same in
+    every derivative.
 
     Deterministic: the same seeds give the same errors.
 

@@ -147,21 +147,21 @@ def compute_tile(
 
 def side_inputs_digest(side: SideInputs, symmetric: bool) -> str:
     """SHA-256 of the masks and adjacencies (those of ``x2`` only when it is given)."""
-    digest = hashlib.sha256()
-    for index, value in enumerate(side):
-        if value is None or (symmetric and index in (1, 3)):
-            digest.update(b"none")
-            continue
-        array = value.detach().cpu().contiguous().numpy()
-        digest.update(f"{index}{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    mask1, mask2, adjacency1, adjacency2 = side
+    if symmetric:
+        mask2 = adjacency2 = None
+    return tensors_digest(mask1, mask2, adjacency1, adjacency2)
 
 
 def inputs_digest(x1: torch.Tensor, x2: torch.Tensor | None) -> str:
     """SHA-256 of the inputs' shapes, dtypes and bytes."""
+    return tensors_digest(x1, x2)
+
+
+def tensors_digest(*tensors: torch.Tensor | None) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes, in order (``None`` counted)."""
     digest = hashlib.sha256()
-    for x in (x1, x2):
+    for x in tensors:
         if x is None:
             digest.update(b"none")
             continue
