@@ -97,14 +97,17 @@ def kernels(layers: list[wn.Layer], x: np.ndarray):
     return symmetric, given, single
 
 
-def check_identities(matrix: torch.Tensor, given: torch.Tensor, accuracy: float) -> None:
-    """Finite, exactly symmetric, PSD and ``x2=None`` equal to ``x2=x1``, both to
-    ``accuracy`` (relative to the largest eigenvalue, resp. to ``sqrt(K_ii K_jj)``)."""
+def check_identities(matrix: torch.Tensor, given: torch.Tensor, accuracy: float,
+                     given_accuracy: float | None = None) -> None:
+    """Finite, exactly symmetric, PSD to ``accuracy`` (relative to the largest eigenvalue)
+    and ``x2=None`` equal to ``x2=x1`` to ``given_accuracy`` (default ``accuracy``;
+    relative to ``sqrt(K_ii K_jj)``)."""
     assert torch.isfinite(matrix).all()
     assert torch.equal(matrix, matrix.T)
     eigenvalues = torch.linalg.eigvalsh(matrix)
     assert eigenvalues.min() >= -len(matrix) * accuracy * eigenvalues.abs().max()
-    assert normalized(given - matrix, matrix) < accuracy
+    given_accuracy = accuracy if given_accuracy is None else given_accuracy
+    assert normalized(given - matrix, matrix) < given_accuracy
 
 
 #: Derandomized: the same examples on every run, so that the suite cannot turn red by
@@ -133,5 +136,10 @@ def test_kinked_networks_stay_finite_symmetric_and_psd(layers, x):
     KINKED); float32 finite."""
     symmetric, given_x2, single = kernels(layers, x)
     for name in ("nngp", "ntk"):
-        check_identities(symmetric[name], given_x2[name], 1e-5)
+        # x2=x1 computes K_ij and K_ji separately, each from covariances rounded to float64:
+        # for exactly (anti)parallel inputs at scale 1e6 (one feature) the Erf derivative
+        # map's det(I + s Sigma) keeps s^2 det(Sigma) ~ 1e10 next to s tr(Sigma) ~ 1e12,
+        # and det(Sigma) carries an absolute rounding error ~ eps q^2 ~ 1e8: 3e-5 apart,
+        # changing with the last bit of any input (a run of the suite in another order).
+        check_identities(symmetric[name], given_x2[name], 1e-5, given_accuracy=1e-4)
         assert torch.isfinite(single[name]).all()

@@ -24,7 +24,7 @@ from .kernel import Kernel, Kernels, Layout
 from .paths import straightforward
 from .requirements import network_needs
 from .side_inputs import check_adjacency, check_mask
-from .tiling import plan_tiles
+from .tiling import balanced_side, plan_tiles
 
 #: Pairs of examples in one tile of a dense network (2 MiB per moment in float64; a
 #: layer holds a few such temporaries). Measured on 2 cores (benchmarks/bench_speed.py):
@@ -210,7 +210,11 @@ def _compute_tiles(
     budget = tile_budget(bool(layout.sizes), t1)
     pairs_per_tile = max(1, budget // layout.positions_per_pair)
     side = max(1, math.isqrt(pairs_per_tile))
-    tiles = plan_tiles(t1.shape[0], second.shape[0], side, side, t2 is None)
+    if t2 is None:
+        rows = cols = balanced_side(t1.shape[0], side)
+    else:
+        rows, cols = balanced_side(t1.shape[0], side), balanced_side(second.shape[0], side)
+    tiles = plan_tiles(t1.shape[0], second.shape[0], rows, cols, t2 is None)
     kept: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     with progress_bar(len(tiles), progress, "kernel", "tile") as bar:
         for tile in tiles:

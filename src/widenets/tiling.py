@@ -36,6 +36,18 @@ class Tile:
         return slice(self.c0, self.c1)
 
 
+def balanced_side(count: int, most: int) -> int:
+    """The tile side for ``count`` examples with tiles of at most ``most``: as many tiles
+    as ``most`` needs, all of (nearly) the same size. For 64 examples and at most 45, two
+    tiles of 32 rather than 45 and 19: a symmetric matrix then computes 3 tiles of 32 x 32
+    pairs (3072) instead of 45 x 45 + 45 x 19 + 19 x 19 (3241), and no tile is small
+    enough for per-operation overhead to dominate."""
+    if count <= 0:
+        return max(1, most)
+    tiles = -(-count // max(1, most))
+    return -(-count // tiles)
+
+
 def plan_tiles(n1: int, n2: int, rows: int, cols: int, symmetric: bool) -> list[Tile]:
     """The tiles to compute, row by row (only on and above the diagonal if symmetric)."""
     return [

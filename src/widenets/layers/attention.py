@@ -207,13 +207,15 @@ def sandwich(left: torch.Tensor, moments: torch.Tensor, right: torch.Tensor) -> 
     """``out[i, j] = left[i] @ moments[i, j] @ right[j]^T`` for ``left`` ``(n1, S, P)``,
     ``moments`` ``(n1, n2, P, Q)`` and ``right`` ``(n2, T, Q)``, as two batched matrix
     products with large matrices (a batch per example, not per pair of examples: twice
-    as fast as the three-operand ``einsum`` on the benchmark's attention layers)."""
+    as fast as the three-operand ``einsum`` on the benchmark's attention layers). Both
+    products are wide, ``(few, few) @ (few, many)``: MKL is about twice as slow on the
+    tall and thin transposed form."""
     n1, n2, p, q = moments.shape
     t = right.shape[1]
-    # batch over j: (i p, q) @ (q, t)
-    step = torch.bmm(moments.transpose(0, 1).reshape(n2, n1 * p, q), right.transpose(1, 2))
-    # batch over i: (s, p) @ (p, j t)
-    step = step.reshape(n2, n1, p, t).permute(1, 2, 0, 3).reshape(n1, p, n2 * t)
+    # batch over j: (t, q) @ (q, i p)
+    step = torch.bmm(right, moments.transpose(0, 1).reshape(n2, n1 * p, q).transpose(1, 2))
+    # (j, t, i, p) -> batch over i: (s, p) @ (p, j t)
+    step = step.reshape(n2, t, n1, p).permute(2, 3, 0, 1).reshape(n1, p, n2 * t)
     out = torch.bmm(left, step).reshape(n1, left.shape[1], n2, t)
     return out.transpose(1, 2)
 
