@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(VPY) benchmarks/bench_empirical.py
 	$(VPY) benchmarks/bench_tiles.py
 	$(VPY) benchmarks/bench_heap.py
+	$(VPY) benchmarks/bench_rnn.py
 
 # CUDA checks, ready for a machine with a GPU: the tests marked `cuda` (tests/test_cuda.py:
 # every entry point on the GPU against the CPU), then the speed benchmark with its inputs

@@ -54,6 +54,10 @@ class Layout:
 
     sizes: tuple[int, ...] = ()
     paired: bool = False
+    #: The positions are independent items, not places in an image: the pairs of time
+    #: steps that a recurrent cell runs on (diagonal layout), where layers of vectors
+    #: (``Linear``) act on each item (see :mod:`widenets.layers.recurrent`).
+    items: bool = False
 
     @property
     def ndim(self) -> int:

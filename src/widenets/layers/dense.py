@@ -156,7 +156,7 @@ class Linear(WeightedLayer):
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
-        if k.layout.sizes:
+        if k.layout.sizes and not k.layout.items:
             raise ValueError(_SPATIAL_INPUT_MESSAGE.format(len(k.layout.sizes)))
         metric = self.input_metric()
         if metric is None:
