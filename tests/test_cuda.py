@@ -498,6 +498,14 @@ SEQUENCE_NETS = {
     "seq2seq": lambda: wn.Sequential(
         wn.Conv1d(64, 3, padding="same", W_std=W_STD, b_std=B_STD), wn.ReLU(),
         wn.SelfAttention(b_std=0.1), wn.Conv1d(1, 1)),
+    "rnn-stacked": lambda: wn.Sequential(
+        wn.Conv1d(64, 1, W_std=W_STD, b_std=B_STD), wn.ReLU(),
+        wn.RNN(wn.Erf(), W_std=1.2, U_std=1.0, b_std=0.1),
+        wn.Recurrent(wn.Sequential(wn.Parallel(wn.Linear(64), wn.Linear(64, 0.9, 0.1)),
+                                   wn.FanInSum(), wn.ReLU())),
+        wn.GlobalAvgPool(), wn.Linear(1)),
+    "rnn-last": lambda: wn.Sequential(
+        wn.RNN(wn.ReLU(), W_std=1.1, U_std=1.0, b_std=0.2), wn.LastStep(), wn.Linear(1)),
 }
 
 
@@ -525,8 +533,9 @@ def test_sequence_layers_with_masks_and_graphs_on_device_match_cpu(name):
             assert error < KERNEL_TOLERANCE[torch.float64], (kernel, error)
 
 
-def test_masked_twin_and_monte_carlo_on_device():
-    net = SEQUENCE_NETS["attention-masked"]()
+@pytest.mark.parametrize("name", ["attention-masked", "rnn-stacked"])
+def test_masked_twin_and_monte_carlo_on_device(name):
+    net = SEQUENCE_NETS[name]()
     x = normal(4, 3, 7, seed=35)
     mask = torch.arange(7) < torch.tensor([7, 3, 5, 2])[:, None]
     twin = net.build((3, 7), torch.Generator().manual_seed(0), dtype=torch.float64)

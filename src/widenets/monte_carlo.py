@@ -114,6 +114,8 @@ def monte_carlo_kernel(
     n_samples = check_positive_int(n_samples, "n_samples")
     t1, t2 = as_input_pair(x1, x2)
     side = checked_side_inputs(t1, t2, (mask1, mask2), (adjacency1, adjacency2))
+    for layer in net.walk():
+        layer.check_masks(side[0], side[1])
     carried = CarriedLayout.needed(side, t1)
     if carried is not None:
         t1 = carried.attach(t1, side[0], side[2])

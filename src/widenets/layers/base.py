@@ -54,6 +54,10 @@ class Layer:
         """The layers this one is made of (combinators); none for a plain layer."""
         return ()
 
+    def check_masks(self, mask1: torch.Tensor | None, mask2: torch.Tensor | None) -> None:
+        """Raise a ``ValueError`` if this layer cannot take these (checked) masks; for
+        entry points that do not run the kernel rule (Monte Carlo). Accepts any."""
+
     def transform(self, k: KernelState) -> KernelState:
         """This layer's kernel rule, after checking that ``k`` meets :attr:`needs` (a
         ``ValueError`` that says what to change otherwise). Combinators apply their

@@ -57,7 +57,15 @@ def check_right_padded(mask: torch.Tensor | None, name: str) -> None:
         )
 
 
-def _fronts(length1: int, length2: int, tied: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _traced(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is seen through a ``torch.func`` transform (``vmap`` of the Monte
+    Carlo kernels), where its values cannot decide anything: masks are checked before."""
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(is_wrapped is not None and is_wrapped(tensor))
+
+
+def _fronts(length1: int, length2: int, tied: bool,
+            device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The pairs of steps ``(t, s)`` by front ``max(t, s) = 0, 1, ...`` (only ``t = s``
     untied), as two index tensors per front."""
     fronts = []
@@ -69,8 +77,17 @@ def _fronts(length1: int, length2: int, tied: bool) -> list[tuple[torch.Tensor, 
             pairs += [(t, k) for t in range(min(k, length1))] if k < length2 else []
         if pairs:
             first, second = zip(*pairs)
-            fronts.append((torch.tensor(first), torch.tensor(second)))
+            fronts.append((torch.tensor(first, device=device),
+                           torch.tensor(second, device=device)))
     return fronts
+
+
+class ReadsFromTheStart:
+    """For layers that read sequences from their first step: masks must be right-padded."""
+
+    def check_masks(self, mask1: torch.Tensor | None, mask2: torch.Tensor | None) -> None:
+        check_right_padded(mask1, "mask1")
+        check_right_padded(mask2, "mask2")
 
 
 class _Items:
@@ -104,7 +121,7 @@ class _Items:
                 branch(4, state_width, state_is_gaussian, sources))
 
 
-class Recurrent(Layer):
+class Recurrent(ReadsFromTheStart, Layer):
     r"""Runs ``cell`` over the steps of sequences ``(N, C, T)`` with the same weights at
     every step (``tied=True``): ``h_t = cell([x_t, h_{t-1}])`` from ``h_{-1} = 0``; the
     output is the states ``(N, width, T)``.
@@ -133,6 +150,7 @@ class Recurrent(Layer):
     def sublayers(self) -> tuple[Layer, ...]:
         return (self.cell,)
 
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
         sizes = k.layout.sizes
@@ -146,8 +164,7 @@ class Recurrent(Layer):
                 f"{type(self).__name__} mixes time steps: it needs the full covariance "
                 "(spatial='full' or 'auto', not 'diagonal')"
             )
-        check_right_padded(k.mask1, "mask1")
-        check_right_padded(k.mask2, "mask2")
+        self.check_masks(k.mask1, k.mask2)
         return self.recurrence(k).masked()
 
     def recurrence(self, k: Kernel) -> Kernel:
@@ -169,9 +186,10 @@ class Recurrent(Layer):
         def diagonal(var: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
             return var[:, steps, steps]
 
-        fronts1 = _fronts(length1, length1, self.tied)
-        fronts2 = [] if symmetric else _fronts(length2, length2, self.tied)
-        fronts = _fronts(length1, length2, self.tied)
+        device = k.nngp.device
+        fronts1 = _fronts(length1, length1, self.tied, device)
+        fronts2 = [] if symmetric else _fronts(length2, length2, self.tied, device)
+        fronts = _fronts(length1, length2, self.tied, device)
         state_is_gaussian, sources, width = True, frozenset(), _cell_width(self.cell)
         out: Kernel | None = None
         for front in range(max(len(fronts1), len(fronts2), len(fronts))):
@@ -296,7 +314,8 @@ class FiniteRecurrent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = current_mask(x)
-        check_right_padded(mask, "mask")
+        if mask is not None and not _traced(mask):
+            check_right_padded(mask, "mask")
         state = x.new_zeros((x.shape[0], self.width))
         states = []
         for step in range(x.shape[-1]):
@@ -363,7 +382,7 @@ class RNN(Recurrent):
         self._state_weights.width = value
 
 
-class LastStep(Layer):
+class LastStep(ReadsFromTheStart, Layer):
     r"""The state at the last real step of each sequence: ``(N, C, T) -> (N, C)`` (the last
     step, or with a right-padded mask the last real one; a sequence with no real step
     gives 0). The read-out of a recurrent network that sees the whole sequence.
@@ -375,6 +394,7 @@ class LastStep(Layer):
 
     needs = Needs(full_covariance=True)
 
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
         if len(k.layout.sizes) != 1 or not k.layout.paired:
@@ -382,8 +402,7 @@ class LastStep(Layer):
                 "LastStep needs sequences (N, C, T) with the full covariance over time, got "
                 f"{len(k.layout.sizes)} spatial axes"
             )
-        check_right_padded(k.mask1, "mask1")
-        check_right_padded(k.mask2, "mask2")
+        self.check_masks(k.mask1, k.mask2)
         length = k.layout.sizes[0]
 
         def last(mask: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -430,7 +449,8 @@ class FiniteLastStep(nn.Module):
         mask = current_mask(x)
         if mask is None:
             return x[:, :, -1]
-        check_right_padded(mask, "mask")
+        if not _traced(mask):
+            check_right_padded(mask, "mask")
         last = mask.sum(dim=1) - 1
         picked = x[torch.arange(x.shape[0], device=x.device), :, last.clamp_min(0)]
         return picked * (last >= 0).to(x.dtype)[:, None]
