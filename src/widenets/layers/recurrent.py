@@ -30,6 +30,7 @@ sequences, no temporaries beyond one front, and ``T`` applications of the cell.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import cast
 
 import torch
@@ -190,7 +191,7 @@ class Recurrent(ReadsFromTheStart, Layer):
         fronts1 = _fronts(length1, length1, self.tied, device)
         fronts2 = [] if symmetric else _fronts(length2, length2, self.tied, device)
         fronts = _fronts(length1, length2, self.tied, device)
-        state_is_gaussian, sources, width = True, frozenset(), _cell_width(self.cell)
+        state_is_gaussian, sources, width = True, frozenset(), self._state_width(k)
         out: Kernel | None = None
         for front in range(max(len(fronts1), len(fronts2), len(fronts))):
             items = _Items()
@@ -246,6 +247,23 @@ class Recurrent(ReadsFromTheStart, Layer):
             var1=var1, var2=None if symmetric else own2[:, 1:, 1:],
             width=out.width, is_gaussian=out.is_gaussian, sources=out.sources,
         )
+
+    def _state_width(self, k: Kernel) -> int:
+        """The width of the cell's states, from its kernel rule on one item (cheaper than
+        building its twin): what the state branch's first layers see as their fan-in."""
+        item = Kernel(nngp=k.nngp.new_ones((1, 1, 1)), ntk=None, var1=k.nngp.new_ones((1, 1)),
+                      var2=k.nngp.new_ones((1, 1)), width=k.width, is_gaussian=True,
+                      sources=frozenset(), layout=Layout((1,), paired=False, items=True))
+        width = 1
+        for _ in range(2):  # the width of states from states of the width found
+            state = self.cell.transform((item, dataclasses.replace(item, width=width)))
+            if not isinstance(state, Kernel):
+                raise ValueError(
+                    f"the cell of {type(self).__name__} must return one state, got "
+                    f"{len(state)} parallel branches; close them with a FanIn layer"
+                )
+            width = state.width
+        return width
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -361,9 +379,10 @@ class RNN(Recurrent):
                 f"{type(activation).__name__}"
             )
         self.activation = activation
-        self.W_std = check_hyperparameter(W_std, "W_std")
-        self.U_std = check_hyperparameter(U_std, "U_std")
-        self.b_std = None if b_std is None else check_hyperparameter(b_std, "b_std")
+        self.W_std = check_hyperparameter(W_std, "W_std", nonnegative=True)
+        self.U_std = check_hyperparameter(U_std, "U_std", nonnegative=True)
+        self.b_std = None if b_std is None else check_hyperparameter(b_std, "b_std",
+                                                                     nonnegative=True)
         self._input_weights = Linear(width, self.U_std, self.b_std)
         self._state_weights = Linear(width, self.W_std)
         cell = Sequential(Parallel(self._input_weights, self._state_weights), FanInSum(),
