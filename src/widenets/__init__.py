@@ -10,6 +10,7 @@ from .empirical import empirical_nngp, empirical_ntk
 from .kernel import Kernel, Kernels
 from .layers import (
     GELU,
+    RNN,
     ABReLU,
     Abs,
     Aggregate,
@@ -30,8 +31,8 @@ from .layers import (
     Flatten,
     GlobalAvgPool,
     Identity,
-    Layer,
     LastStep,
+    Layer,
     LayerNorm,
     LeakyReLU,
     Linear,
@@ -41,7 +42,6 @@ from .layers import (
     Recurrent,
     ReLU,
     Residual,
-    RNN,
     SelfAttention,
     Sequential,
     Sign,

@@ -211,10 +211,11 @@ def _compute_tiles(
     pairs_per_tile = max(1, budget // layout.positions_per_pair)
     side = max(1, math.isqrt(pairs_per_tile))
     if t2 is None:
-        rows = cols = balanced_side(t1.shape[0], side)
+        row_side = col_side = balanced_side(t1.shape[0], side)
     else:
-        rows, cols = balanced_side(t1.shape[0], side), balanced_side(second.shape[0], side)
-    tiles = plan_tiles(t1.shape[0], second.shape[0], rows, cols, t2 is None)
+        row_side = balanced_side(t1.shape[0], side)
+        col_side = balanced_side(second.shape[0], side)
+    tiles = plan_tiles(t1.shape[0], second.shape[0], row_side, col_side, t2 is None)
     kept: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     with progress_bar(len(tiles), progress, "kernel", "tile") as bar:
         for tile in tiles:

@@ -37,7 +37,8 @@ from .pooling import AvgPool1d, AvgPool2d, AvgPool3d, Flatten, GlobalAvgPool
 from .recurrent import RNN, LastStep, Recurrent
 
 __all__ = [
-    "Aggregate", "Dropout", "SelfAttention", "RNN", "Recurrent", "LastStep", "ABReLU", "Abs", "Activation", "Cos", "Elementwise",
+    "Aggregate", "Dropout", "SelfAttention", "RNN", "Recurrent", "LastStep", "ABReLU", "Abs",
+    "Activation", "Cos", "Elementwise",
     "Erf", "GELU", "Identity", "LeakyReLU", "Rbf", "RectifiedMonomial", "ReLU", "Sign", "Sin",
     "Step", "Layer", "FanInConcat", "FanInProd", "FanInSum", "FanOut", "Parallel", "Residual",
     "Sequential", "Linear", "LayerNorm", "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d",

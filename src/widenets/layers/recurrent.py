@@ -191,7 +191,8 @@ class Recurrent(ReadsFromTheStart, Layer):
         fronts1 = _fronts(length1, length1, self.tied, device)
         fronts2 = [] if symmetric else _fronts(length2, length2, self.tied, device)
         fronts = _fronts(length1, length2, self.tied, device)
-        state_is_gaussian, sources, width = True, frozenset(), self._state_width(k)
+        state_is_gaussian, width = True, self._state_width(k)
+        sources: frozenset = frozenset()
         out: Kernel | None = None
         for front in range(max(len(fronts1), len(fronts2), len(fronts))):
             items = _Items()
@@ -208,8 +209,9 @@ class Recurrent(ReadsFromTheStart, Layer):
                 t, s = fronts[front]
                 items.add("cross", (t, s), n1 * n2 * len(t),
                           k.nngp[:, :, t, s], diagonal(k.var1, t)[:, None],
-                          diagonal(var2_in, s)[None], (input_ntk[:, :, t, s] if with_ntk
-                                                        else k.nngp.new_zeros(())),
+                          diagonal(var2_in, s)[None],
+                          (input_ntk[:, :, t, s] if input_ntk is not None
+                           else k.nngp.new_zeros(())),
                           cross[:, :, t, s], diagonal(own1, t)[:, None],
                           diagonal(own2, s)[None],
                           cross_ntk[:, :, t, s] if cross_ntk is not None else k.nngp.new_zeros(()))
