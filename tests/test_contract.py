@@ -135,6 +135,22 @@ LAYERS: dict[str, Entry] = {
                                       wn.ReLU(), wn.Conv1d(64, 1, W_std=1.2)))),
         (2, 5), before=lambda: (wn.Conv1d(64, 1, W_std=1.5, b_std=0.1),),
         after=lambda: (wn.LayerNorm(), wn.GlobalAvgPool(), wn.Linear(1))),
+    "RNN": Entry(lambda: wn.RNN(wn.Erf(), 1.2, 1.0, 0.1), (2, 4),
+                 after=lambda: (wn.GlobalAvgPool(), wn.Linear(1))),
+    "RNN-untied-masked": Entry(
+        lambda: wn.RNN(wn.ReLU(), 1.1, 0.9, 0.2, tied=False), (2, 5),
+        before=lambda: (wn.Conv1d(8, 1, W_std=1.5, b_std=0.1), wn.ReLU()),
+        after=lambda: (wn.GlobalAvgPool(), wn.Linear(1)),
+        options={"side_inputs": testing.example_masks}),
+    "Recurrent": Entry(
+        lambda: wn.Recurrent(wn.Sequential(
+            wn.Parallel(wn.Linear(16, 1.2), wn.Linear(16, 0.9, 0.1)), wn.FanInSum(),
+            wn.ReLU(), wn.Linear(16), wn.Erf())), (2, 4),
+        after=lambda: (wn.GlobalAvgPool(), wn.Linear(1))),
+    "LastStep-masked": Entry(
+        wn.LastStep, (2, 5), before=lambda: (wn.RNN(wn.Erf(), 1.2, 1.0, 0.1),),
+        after=lambda: (wn.Linear(1, 1.2, 0.1),),
+        options={"side_inputs": testing.example_masks}),
     "Dropout": Entry(lambda: wn.Dropout(0.3), (3,)),
     "Dropout-images": Entry(lambda: wn.Dropout(0.2), (1, 5, 5),
                             after=lambda: (wn.Conv2d(4, 3, padding="same"), wn.ReLU(),

@@ -6,6 +6,7 @@ any module, and the predictions of the infinitely wide network.
 """
 
 from . import predict
+from .convert import from_torch
 from .empirical import empirical_nngp, empirical_ntk
 from .kernel import Kernel, Kernels
 from .layers import (
@@ -61,7 +62,7 @@ __all__ = [
     "Recurrent", "ReLU", "Residual", "RNN",
     "SelfAttention", "Sequential", "Sign", "Sin", "Step", "empirical_nngp", "empirical_ntk",
     "monte_carlo_kernel", "datasets", "experiments", "kernel_matrix", "load_kernel", "predict",
-    "__version__", "TaylorExpansion", "linearize", "taylor_expand",
+    "__version__", "TaylorExpansion", "linearize", "taylor_expand", "from_torch",
 ]
 
 #: Submodules imported on first use: those that need optional dependencies

@@ -474,6 +474,15 @@ def hermite_rule(degree: int, dtype: torch.dtype, device: torch.device) -> tuple
     )
 
 
+def quadrature_mean(f: Callable[[Tensor], Tensor], q: Tensor, degree: int = 128) -> Tensor:
+    """``E[f(u)]`` for ``u ~ N(0, q)`` by ``degree``-point Gauss--Hermite quadrature (exact
+    for polynomials of degree below ``2 degree``; the mean of an activation whose kernel
+    maps have closed forms is written out by that activation instead)."""
+    nodes, weights = hermite_rule(degree, q.dtype, q.device)
+    values = f(root_variance(q).unsqueeze(-1) * nodes)
+    return values @ weights
+
+
 def quadrature_moments(
     f: Callable[[Tensor], Tensor],
     g: Callable[[Tensor], Tensor],

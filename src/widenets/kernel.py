@@ -164,6 +164,14 @@ class Kernel:
     #: (``adjacency1`` serves both in the symmetric case), or ``None``.
     adjacency1: torch.Tensor | None = None
     adjacency2: torch.Tensor | None = None
+    #: The mean of a unit per example and position, ``(N, *sizes)``, for ``x1`` and ``x2``
+    #: (``mean1`` serves both in the symmetric case), where it is known and may not be 0:
+    #: after an activation of a centred Gaussian, and through the layers that keep it
+    #: (sums, global pooling). ``None``: 0 if ``is_gaussian`` (a centred Gaussian),
+    #: otherwise unknown. Dropped by :meth:`replace` unless given. Sums of independent
+    #: branches need it: their cross moment is the product of their means.
+    mean1: torch.Tensor | None = None
+    mean2: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -174,6 +182,44 @@ class Kernel:
     def var2_or_var1(self) -> torch.Tensor:
         """The diagonal of the second batch (``var1`` in the symmetric case)."""
         return self.var1 if self.var2 is None else self.var2
+
+    @property
+    def second_mean(self) -> torch.Tensor | None:
+        """The means of the second batch (``mean1`` in the symmetric case)."""
+        return self.mean1 if self.symmetric else self.mean2
+
+    @property
+    def mean_known(self) -> bool:
+        """Whether the units' mean is known: 0 for a centred Gaussian, or ``mean1``."""
+        return self.is_gaussian or self.mean1 is not None
+
+    def mean_products(self, other: Kernel) -> tuple[torch.Tensor, torch.Tensor,
+                                                    torch.Tensor | None]:
+        """``E[a] E[b]' + E[b] E[a]'`` for this branch ``a`` and an independent branch ``b``
+        of known means, shaped as ``nngp``, ``var1`` and ``var2``: the cross moments of
+        two independent representations, which a sum adds to their kernels."""
+        layout = self.layout
+
+        def means(k: Kernel) -> tuple[torch.Tensor, torch.Tensor]:
+            if k.mean1 is None:
+                zero = torch.zeros_like(layout.positions(k.var1))
+                return zero, torch.zeros_like(layout.positions(k.var2_or_var1))
+            second = k.second_mean
+            assert second is not None
+            return k.mean1, second
+
+        a1, a2 = means(self)
+        b1, b2 = means(other)
+
+        def outer(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+            left, right = self.pair_broadcast(first, second)
+            return left * right
+
+        def own(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+            return layout.as_first(first) * layout.as_second(second)
+
+        return (outer(a1, b2) + outer(b1, a2), own(a1, b1) + own(b1, a1),
+                None if self.var2 is None else own(a2, b2) + own(b2, a2))
 
     @property
     def has_masks(self) -> bool:
@@ -217,11 +263,16 @@ class Kernel:
             ntk=None if self.ntk is None else self.ntk * pair,
             var1=on_self(self.var1, real1),
             var2=None if self.var2 is None else on_self(self.var2, real2),
+            mean1=None if self.mean1 is None else self.mean1 * real1,
+            mean2=None if self.mean2 is None else self.mean2 * real2,
         )
 
     def replace(self, **changes: Any) -> Kernel:
-        """A copy with some fields changed (without the raw inputs unless given)."""
+        """A copy with some fields changed (without the raw inputs and the means unless
+        given)."""
         changes.setdefault("raw_inputs", None)
+        changes.setdefault("mean1", None)
+        changes.setdefault("mean2", None)
         return dataclasses.replace(self, **changes)
 
     def map_moments(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Kernel:

@@ -11,7 +11,8 @@ rules are exact only when these hold, so they are checked before a layer's rule 
   comes straight from a weighted layer (activations, ``LayerNorm``): after a
   nonlinearity the features have a mean that the kernel does not determine;
 * ``independent_branches``: ``"sum"`` (``FanInSum``: branches pairwise independent and
-  in each pair one centred Gaussian, so that every cross moment vanishes) or
+  in each pair one centred Gaussian, so that every cross moment vanishes, or both of
+  known means, whose products are the cross moments) or
   ``"product"`` (``FanInProd``: pairwise independent);
 * ``full_covariance``: the rule mixes positions of an image (pooling), so the covariance
   of every pair of positions must flow through the network, not only its diagonal.
@@ -122,11 +123,13 @@ def _check_independent(name: str, kind: str, branches: tuple) -> None:
     for (i, a), (j, b) in combinations(enumerate(branches), 2):
         if not isinstance(a, Kernel) or not isinstance(b, Kernel):
             continue  # nested branches: the layer refuses them itself
-        if kind == "sum" and not (independent(a, b) and (a.is_gaussian or b.is_gaussian)):
+        if kind == "sum" and not (independent(a, b) and (
+                a.is_gaussian or b.is_gaussian or (a.mean_known and b.mean_known))):
             raise ValueError(
                 f"{name}: branches {i} and {j} have a cross moment that their kernels do not "
                 "determine; each pair needs one branch that ends with its own Linear layer "
-                "(e.g. Residual(Sequential(ReLU(), Linear(...))))"
+                "(e.g. Residual(Sequential(ReLU(), Linear(...)))), or two independent "
+                "branches that each end with an activation of a Linear layer's output"
             )
         if kind == "product" and not independent(a, b):
             raise ValueError(

@@ -63,6 +63,12 @@ class Activation(Layer):
         nngp = self.nngp_map(q1, q2, c, rho).clone()
         return nngp, None if ntk is None else ntk * self.derivative_map(q1, q2, c, rho)
 
+    def mean_map(self, q: Tensor) -> Tensor:
+        """``E[phi(u)]`` for ``u ~ N(0, q)``, per variance ``q``: the mean of a unit, which
+        a sum with an independent branch needs. By quadrature of :meth:`apply` unless an
+        activation writes it out."""
+        return gaussian.quadrature_mean(self.apply, q)
+
     #: Whether :meth:`pair_maps` may run while autograd records, as long as this
     #: activation's own hyperparameters are constants (its in-place updates then touch
     #: nothing that the backward pass needs): the recorded path then uses it.
@@ -102,7 +108,11 @@ class Activation(Layer):
                 ntk = None if k.ntk is None else k.ntk * self.derivative_map(q1, q2, c, rho)
         if k.symmetric:
             batch_diagonal(nngp).copy_(var1)
-        return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, is_gaussian=False)
+        positions = k.layout.positions
+        return k.replace(
+            nngp=nngp, ntk=ntk, var1=var1, var2=var2, is_gaussian=False,
+            mean1=self.mean_map(positions(k.var1)),
+            mean2=None if k.var2 is None else self.mean_map(positions(k.var2)))
 
     def _self_map(self, k: Kernel, var: Tensor) -> tuple[Tensor, Tensor]:
         """The NNGP map of a self-covariance ``var``, and its correlations (exactly 1 at
@@ -195,6 +205,10 @@ class ABReLU(Activation):
 
     def apply(self, x: Tensor) -> Tensor:
         return torch.where(x > 0, self.b * x, self.a * x)
+
+    def mean_map(self, q: Tensor) -> Tensor:
+        """``E[phi(u)] = (b - a) sqrt(q / (2 pi))`` (half-normal mean)."""
+        return (self.b - self.a) * gaussian.root_variance(q) / math.sqrt(2 * math.pi)
 
     def nngp_map(self, q1, q2, c, rho):
         return gaussian.ab_relu_maps(self.a, self.b, q1, q2, rho, with_derivative=False)[0]
@@ -302,6 +316,10 @@ class Erf(Activation):
 
     def apply(self, x: Tensor) -> Tensor:
         return self.a * torch.erf(self.b * x) + self.c
+
+    def mean_map(self, q: Tensor) -> Tensor:
+        """``E[phi(u)] = c`` (``erf`` is odd)."""
+        return torch.zeros_like(q) + self.c
 
     def nngp_map(self, q1, q2, c, rho):
         return self.pair_maps(q1, q2, c, rho, None)[0]

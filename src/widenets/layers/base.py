@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from typing import Union, cast, overload
@@ -216,6 +217,8 @@ class Layer:
                 f"the network ends with {len(out_shape)} parallel branches; close them with "
                 "FanInSum, FanInConcat or FanInProd"
             )
+        # the twin carries its architecture (wn.from_torch gives it back)
+        module.widenets_layer = copy.deepcopy(self)
         return module.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
     # ----------------------------------------------------------------- specs

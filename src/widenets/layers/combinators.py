@@ -235,7 +235,24 @@ class FanInSum(Layer):
         branches = _branches(k, self)
         _check_equal_widths(branches, self)
         ntk = None if branches[0].ntk is None else sum(_ntks(branches))
-        return _merge(branches, sum, ntk, is_gaussian=all(b.is_gaussian for b in branches))
+        merged = _merge(branches, sum, ntk, is_gaussian=all(b.is_gaussian for b in branches))
+        # independent branches with means: E[a b'] = E[a] E[b'] (the gradients' cross
+        # terms vanish in the limit: the NTKs just add)
+        for i, a in enumerate(branches):
+            for b in branches[i + 1:]:
+                if not (a.is_gaussian or b.is_gaussian):
+                    nngp, var1, var2 = a.mean_products(b)
+                    merged = merged.replace(
+                        nngp=merged.nngp + nngp, ntk=merged.ntk, var1=merged.var1 + var1,
+                        var2=None if var2 is None else cast(torch.Tensor, merged.var2) + var2)
+        if all(b.mean_known for b in branches):
+            means1 = [b.mean1 for b in branches if b.mean1 is not None]
+            means2 = [b.second_mean for b in branches if b.mean1 is not None]
+            if means1:
+                merged = merged.replace(
+                    nngp=merged.nngp, ntk=merged.ntk, mean1=sum(means1),
+                    mean2=None if merged.var2 is None else sum(means2))
+        return merged
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None

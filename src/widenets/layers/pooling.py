@@ -135,20 +135,24 @@ class GlobalAvgPool(Layer):
         k = single_kernel(k, self)
         _check_spatial(len(k.layout.sizes), self)
         axes = tuple(range(-k.layout.ndim, 0))
-        if not k.has_masks:
-            return k.map_linear(lambda m: m.mean(dim=axes)).replace(layout=DENSE)
         count1, count2 = (real_positions(mask, var, k.layout.sizes)
                           for mask, var in ((k.mask1, k.var1), (k.second_mask, k.var2_or_var1)))
         pairs = count1.unsqueeze(1) * count2.unsqueeze(0)
+        position_axes = tuple(range(1, 1 + len(k.layout.sizes)))
 
         def pooled(m: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
             return m.sum(dim=axes) / counts
+
+        def pooled_mean(mean: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor | None:
+            # (masked positions have mean 0: Kernel.masked)
+            return None if mean is None else mean.sum(dim=position_axes) / counts
 
         return k.replace(
             nngp=pooled(k.nngp, pairs), ntk=None if k.ntk is None else pooled(k.ntk, pairs),
             var1=pooled(k.var1, count1 * count1),
             var2=None if k.var2 is None else pooled(k.var2, count2 * count2),
             layout=DENSE, mask1=None, mask2=None, adjacency1=None, adjacency2=None,
+            mean1=pooled_mean(k.mean1, count1), mean2=pooled_mean(k.mean2, count2),
         )
 
     def build_module(

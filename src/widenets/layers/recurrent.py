@@ -19,7 +19,9 @@ The NTK recursion sums the contributions of the shared weights over the pairs of
 lie equally far from ``(t, s)``; the other cross terms vanish in the limit (Tensor
 Programs II). ``tied=False`` draws fresh weights at every step (the approximation of
 libraries without weight sharing): then states at different steps are independent, the
-cross-step entries are 0, and the equal-step entries are those of the tied network.
+NNGP's cross-step entries are the products of their means (0 for an odd activation or a
+cell that ends with a weighted layer), the NTK's are 0, and the equal-step entries are
+those of the tied network.
 
 Computation: ``K_h(t, s)`` needs ``K_h(t - 1, s - 1)`` and the variances at ``t - 1`` and
 ``s - 1``, so the pairs are computed in fronts of equal ``max(t, s)``, all pairs of one
@@ -194,6 +196,10 @@ class Recurrent(ReadsFromTheStart, Layer):
         state_is_gaussian, width = True, self._state_width(k)
         sources: frozenset = frozenset()
         out: Kernel | None = None
+        # the mean of a state per example and step (where the cell's output has a known one)
+        means1 = zeros((n1, length1))
+        means2 = means1 if symmetric else zeros((n2, length2))
+        means_known = True
         for front in range(max(len(fronts1), len(fronts2), len(fronts))):
             items = _Items()
             for own, var, part, n in ((own1, k.var1, fronts1, n1),
@@ -224,6 +230,7 @@ class Recurrent(ReadsFromTheStart, Layer):
                 )
             out = state
             state_is_gaussian, sources, width = state.is_gaussian, state.sources, state.width
+            means_known = means_known and state.mean_known
             offset = 0
             for target, (t, s), count in items.targets:
                 values = state.nngp.reshape(-1)[offset:offset + count]
@@ -236,19 +243,54 @@ class Recurrent(ReadsFromTheStart, Layer):
                 else:
                     own = own1 if target == "own1" else own2
                     own[:, t + 1, s + 1] = values.reshape(own.shape[0], len(t))
+                    if state.mean1 is not None:
+                        equal = t == s
+                        item_means = state.mean1.reshape(-1)[offset:offset + count]
+                        means = means1 if target == "own1" else means2
+                        means[:, t[equal]] = item_means.reshape(own.shape[0], len(t))[:, equal]
                 offset += count
         assert out is not None
         nngp = cross[:, :, 1:, 1:]
         var1 = own1[:, 1:, 1:]
+        var2 = None if symmetric else own2[:, 1:, 1:]
+        if not self.tied:
+            nngp, var1, var2 = self._untied_cross_steps(nngp, var1, var2, means1, means2,
+                                                        means_known)
         if symmetric:
             nngp = nngp.clone()
             batch_diagonal(nngp).copy_(var1)
+        with_means = means_known and not out.is_gaussian
         return k.replace(
             nngp=nngp,
             ntk=None if cross_ntk is None else cross_ntk[:, :, 1:, 1:],
-            var1=var1, var2=None if symmetric else own2[:, 1:, 1:],
+            var1=var1, var2=var2,
             width=out.width, is_gaussian=out.is_gaussian, sources=out.sources,
+            mean1=means1 if with_means else None,
+            mean2=means2 if with_means and not symmetric else None,
         )
+
+    def _untied_cross_steps(
+        self, nngp: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor | None,
+        means1: torch.Tensor, means2: torch.Tensor, means_known: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Untied weights: the states at two different steps are independent, so their
+        covariance is the product of their means (0 for a cell that ends with a weighted
+        layer; the NTK's cross-step entries vanish)."""
+        if not means_known:
+            raise ValueError(
+                f"the untied {type(self).__name__} needs the mean of the cell's states (their "
+                "covariance across steps): end the cell with an activation of a weighted "
+                "layer's output, or with a weighted layer")
+        steps1, steps2 = means1.shape[1], means2.shape[1]
+        apart = ~torch.eye(steps1, steps2, dtype=torch.bool, device=nngp.device)
+        products = means1[:, None, :, None] * means2[None, :, None, :]
+        nngp = torch.where(apart, products, nngp)
+        own_apart = ~torch.eye(steps1, dtype=torch.bool, device=nngp.device)
+        var1 = torch.where(own_apart, means1[:, :, None] * means1[:, None, :], var1)
+        if var2 is not None:
+            own_apart2 = ~torch.eye(steps2, dtype=torch.bool, device=nngp.device)
+            var2 = torch.where(own_apart2, means2[:, :, None] * means2[:, None, :], var2)
+        return nngp, var1, var2
 
     def _state_width(self, k: Kernel) -> int:
         """The width of the cell's states, from its kernel rule on one item (cheaper than
