@@ -1,4 +1,4 @@
-r"""From a PyTorch model to its infinite-width architecture: :func:`from_torch`.
+r"""From a PyTorch model to its infinite-width architecture: :func:`widenets.from_torch`.
 
 The module is traced with ``torch.fx`` (a plain nested ``nn.Sequential`` that does not
 trace is read child by child), each operation becomes the widenets layer with the same
@@ -67,7 +67,7 @@ PARAMETERIZATIONS = ("standard", "ntk")
 Scale = float | dict[str, float] | Callable[[str, nn.Module], float] | None
 
 #: Elementwise functions without a closed form: integrated numerically (``Elementwise``).
-_NUMERICAL = {
+_NUMERICAL: dict[type[nn.Module], Callable[..., torch.Tensor]] = {
     nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh, nn.SiLU: F.silu, nn.Softplus: F.softplus,
     nn.ELU: F.elu, nn.Mish: F.mish, nn.Softsign: F.softsign, nn.SELU: F.selu,
 }
@@ -75,9 +75,27 @@ _NUMERICAL_FUNCTIONS = {
     torch.sigmoid, torch.tanh, F.silu, F.softplus, F.elu, F.mish, F.softsign, F.selu,
     F.sigmoid, F.tanh, torch.sin, torch.cos, torch.exp,
 }
-_CONVOLUTIONS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
-_AVG_POOLS = {nn.AvgPool1d: AvgPool1d, nn.AvgPool2d: AvgPool2d, nn.AvgPool3d: AvgPool3d}
+_CONVOLUTIONS: dict[type[nn.Module], type[Layer]] = {
+    nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+_AVG_POOLS: dict[type[nn.Module], type[Layer]] = {
+    nn.AvgPool1d: AvgPool1d, nn.AvgPool2d: AvgPool2d, nn.AvgPool3d: AvgPool3d}
 _ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+#: Modules refused as a whole (not traced into), with what to do instead.
+_REFUSED_WHOLE: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention, nn.RNNBase, nn.modules.batchnorm._BatchNorm,
+    nn.modules.pooling._MaxPoolNd, nn.Softmax, nn.Transformer, nn.TransformerEncoderLayer)
+_ADVICE: dict[type[nn.Module], str] = {
+    nn.modules.pooling._MaxPoolNd: "use average pooling (nn.AvgPool, or a mean over "
+                                   "positions)",
+    nn.modules.batchnorm._BatchNorm: "remove it, or use LayerNorm",
+    nn.Softmax: "widenets has softmax only inside attention (wn.SelfAttention)",
+    nn.MultiheadAttention: "write the model with wn.SelfAttention",
+    nn.TransformerEncoderLayer: "write the block with wn.SelfAttention, wn.LayerNorm and "
+                                "wn.Residual",
+    nn.RNNBase: "write the model with wn.RNN or wn.Recurrent",
+}
 
 
 class UnsupportedModule(ValueError):
@@ -126,7 +144,7 @@ class _Tracer(fx.Tracer):
     """Leaves: widenets twins and the modules converted as a whole."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if _twin_layer(m) is not None:
+        if _twin_layer(m) is not None or isinstance(m, _REFUSED_WHOLE):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -420,7 +438,7 @@ class _GraphConversion:
             return self._weighted(Linear, name, module, module.in_features,
                                   (module.out_features,)), True
         for torch_type, conv_type in _CONVOLUTIONS.items():
-            if type(module) is torch_type:
+            if isinstance(module, torch_type):
                 return self._conv(node, name, module, conv_type), False
         if isinstance(module, nn.ReLU):
             return ReLU(), None
@@ -429,7 +447,7 @@ class _GraphConversion:
         if isinstance(module, nn.GELU):
             return GELU(approximate=module.approximate == "tanh"), None
         for torch_type, fn in _NUMERICAL.items():
-            if type(module) is torch_type:
+            if isinstance(module, torch_type):
                 return Elementwise(fn), None
         if isinstance(module, nn.Identity):
             return None, None
@@ -438,21 +456,16 @@ class _GraphConversion:
         if isinstance(module, nn.Flatten):
             return self._flatten(node, previous, module.start_dim)
         for torch_type, pool_type in _AVG_POOLS.items():
-            if type(module) is torch_type:
+            if isinstance(module, torch_type):
                 return self._avg_pool(node, module, pool_type), False
         if isinstance(module, _ADAPTIVE):
             return self._adaptive(node, module.output_size)
         if isinstance(module, nn.LayerNorm):
             return self._layer_norm(node, previous, module), None
-        advice = {
-            nn.MaxPool1d: "use average pooling (nn.AvgPool, or a mean over positions)",
-            nn.MaxPool2d: "use average pooling (nn.AvgPool, or a mean over positions)",
-            nn.BatchNorm1d: "remove it, or use LayerNorm",
-            nn.BatchNorm2d: "remove it, or use LayerNorm",
-            nn.Softmax: "widenets has softmax only inside SelfAttention",
-        }.get(type(module), "use wn.empirical_ntk or wn.monte_carlo_kernel of the finite model")
-        self._refuse(node, f"is a {type(module).__name__}, which has no infinite-width "
-                     "counterpart in widenets", advice)
+        advice = next((text for kind, text in _ADVICE.items() if isinstance(module, kind)),
+                      "use wn.empirical_ntk or wn.monte_carlo_kernel of the finite model")
+        self._refuse(node, f"is a {type(module).__name__}, which from_torch cannot convert",
+                     advice)
         raise AssertionError
 
     # ----------------------------------------------------------------- layer kinds
@@ -494,14 +507,15 @@ class _GraphConversion:
                          "with stride 1 ('same')")
         return "circular" if mode == "circular" else "same"
 
-    def _avg_pool(self, node: fx.Node, module: nn.Module, kind: type) -> Layer:
+    def _avg_pool(self, node: fx.Node, module: nn.Module, kind: type[Layer]) -> Layer:
         pool = module
         assert isinstance(pool, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
-        ndim = kind.ndim
+        ndim = 1 if isinstance(pool, nn.AvgPool1d) else 2 if isinstance(pool, nn.AvgPool2d) else 3
         padding = pool.padding if isinstance(pool.padding, tuple) else (pool.padding,) * ndim
         if any(p != 0 for p in padding) or pool.ceil_mode:
             self._refuse(node, "pads or uses ceil_mode", "use padding=0, ceil_mode=False")
-        return kind(pool.kernel_size, pool.stride)
+        make: Any = kind
+        return make(pool.kernel_size, pool.stride)
 
     def _adaptive(self, node: fx.Node, output_size: Any) -> tuple[Layer, bool]:
         sizes = output_size if isinstance(output_size, tuple) else (output_size,)
@@ -534,7 +548,7 @@ class _GraphConversion:
 
     def _is_batch_flatten(self, node: fx.Node) -> bool:
         shape = node.args[1:]
-        return len(shape) == 2 and shape[1] == -1
+        return bool(len(shape) == 2 and shape[1] == -1)
 
     def _layer_norm(self, node: fx.Node, previous: fx.Node, module: nn.LayerNorm) -> Layer:
         if not self.dense.get(previous, False) or len(module.normalized_shape) != 1:

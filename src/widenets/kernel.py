@@ -190,7 +190,7 @@ class Kernel:
 
     @property
     def mean_known(self) -> bool:
-        """Whether the units' mean is known: 0 for a centred Gaussian, or ``mean1``."""
+        """True when the units' mean is known (0 for a centred Gaussian, or ``mean1``)."""
         return self.is_gaussian or self.mean1 is not None
 
     def mean_products(self, other: Kernel) -> tuple[torch.Tensor, torch.Tensor,

@@ -218,7 +218,7 @@ class Layer:
                 "FanInSum, FanInConcat or FanInProd"
             )
         # the twin carries its architecture (wn.from_torch gives it back)
-        module.widenets_layer = copy.deepcopy(self)
+        module.widenets_layer = copy.deepcopy(self)  # type: ignore[assignment]
         return module.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
     # ----------------------------------------------------------------- specs
