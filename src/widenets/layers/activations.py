@@ -274,6 +274,15 @@ class RectifiedMonomial(Activation):
             return (x > 0).to(x.dtype)
         return torch.relu(x) ** self.degree
 
+    def mean_map(self, q: Tensor) -> Tensor:
+        """``E[max(u, 0)^n] = q^(n/2) 2^(n/2 - 1) Gamma((n + 1) / 2) / sqrt(pi)`` (half of
+        the absolute moment of a normal), and 0 where ``q`` is 0."""
+        n = self.degree
+        scale = 2 ** (n / 2 - 1) * math.gamma((n + 1) / 2) / math.sqrt(math.pi)
+        if n == 0:
+            return scale * (q > 0).to(q.dtype)
+        return scale * gaussian.root_variance(q) ** n
+
     def nngp_map(self, q1, q2, c, rho):
         return gaussian.rectified_monomial_moments(self.degree, q1, q2, rho)
 
@@ -364,6 +373,12 @@ class Sin(Activation):
     def apply(self, x: Tensor) -> Tensor:
         return self.a * torch.sin(self.b * x + self._phase)
 
+    def mean_map(self, q: Tensor) -> Tensor:
+        """``E[a sin(b u + c)] = a sin(c) exp(-b^2 q / 2)`` (Cos and Rbf: their phase)."""
+        phase = self._phase
+        sine = torch.sin(phase) if isinstance(phase, Tensor) else math.sin(phase)
+        return self.a * sine * torch.exp(-0.5 * self.b**2 * q)
+
     def nngp_map(self, q1, q2, c, rho):
         return self.a**2 * gaussian.sin_moments(self.b, self._phase, q1, q2, rho)
 
@@ -418,6 +433,13 @@ class GELU(Activation):
 
     def apply(self, x: Tensor) -> Tensor:
         return torch.nn.functional.gelu(x, approximate="tanh" if self.approximate else "none")
+
+    def mean_map(self, q: Tensor) -> Tensor:
+        """``E[u Phi(u)] = q / sqrt(2 pi (1 + q))`` (Stein's lemma); the tanh approximation
+        by quadrature."""
+        if self.approximate:
+            return super().mean_map(q)
+        return q / torch.sqrt(2 * math.pi * (1 + q))
 
     def nngp_map(self, q1, q2, c, rho):
         if self._numerical is not None:
