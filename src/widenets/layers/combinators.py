@@ -226,7 +226,11 @@ class FanInSum(Layer):
 
     Exact when the branches are pairwise independent and in each pair at least one is
     a centred Gaussian (it ends with its own weighted layer), so every cross moment
-    ``E[a(x) b(x')]`` vanishes; otherwise a ``ValueError`` is raised.
+    ``E[a(x) b(x')]`` vanishes, or both have known means (each ends with an activation of
+    a weighted layer's output, possibly globally pooled): then the cross moment is
+    ``E[a(x)] E[b(x')]`` and ``K = sum_i K_i + sum_{i != j} E[a_i(x)] E[a_j(x')]``, while
+    the NTKs still just add (the gradients' cross terms vanish in the limit). Otherwise a
+    ``ValueError`` is raised.
     """
 
     needs = Needs(input="branches", independent_branches="sum")
