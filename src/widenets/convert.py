@@ -173,6 +173,12 @@ class _Converter:
                 "of the finite model instead"
             ) from error
         traced = fx.GraphModule(module, graph)
+        inputs = [n for n in graph.nodes if n.op == "placeholder" and not _has_default(n)]
+        if len(inputs) != 1:
+            raise UnsupportedModule(
+                f"from_torch converts modules of one input tensor; this forward takes "
+                f"{len(inputs)} ({', '.join(n.name for n in inputs)})"
+            )
         if example_input is not None:
             from torch.fx.passes.shape_prop import ShapeProp
 
@@ -225,14 +231,7 @@ class _GraphConversion:
         self.used_modules: dict[str, fx.Node] = {}
 
     def run(self) -> Layer:
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        tensor_inputs = [n for n in placeholders if not _has_default(n)]
-        if len(tensor_inputs) != 1:
-            raise UnsupportedModule(
-                f"from_torch converts modules of one input tensor; this forward takes "
-                f"{len(tensor_inputs)} ({', '.join(n.name for n in tensor_inputs)})"
-            )
-        self.source = tensor_inputs[0]
+        (self.source,) = [n for n in self.nodes if n.op == "placeholder" and not _has_default(n)]
         self.dense[self.source] = _ndim(self.source) in (None, 2)
         output = next(n for n in self.nodes if n.op == "output")
         result = output.args[0]
@@ -324,8 +323,9 @@ class _GraphConversion:
                 f"{_where(node, self.modules)} reads the tensor {node.target!r} of the module "
                 "directly; widenets converts parameters only through the layers that own "
                 "them (nn.Linear, the convolutions)")
-        if node.op == "call_function" and node.target in (getattr, operator.getitem) and (
-                not self._is_tensor(node)):
+        if not self._is_tensor(node) and (
+                node.op == "call_function" and node.target in (getattr, operator.getitem)
+                or node.op == "call_method" and node.target in ("size", "dim")):
             return  # sizes and shapes, used by view/reshape
         merge = self._merge_layer(node, tensors)
         if merge is not None:
