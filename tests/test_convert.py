@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import widenets as wn
+from tests.monte_carlo_errors import rms_relative_error
 from widenets.convert import UnsupportedModule
 from widenets.testing import check_layer
 
@@ -148,12 +149,11 @@ def mc_errors(name: str, get: str, seed: int = 0) -> list[float]:
         exact = arch.kernel(x, get=get)
         empirical = wn.empirical_nngp if get == "nngp" else wn.empirical_ntk
         generator = torch.Generator().manual_seed(seed)
-        squared = 0.0
-        for _ in range(MC_ESTIMATES):
-            estimate = sum(empirical(reinitialise(model, generator), x, outputs="mean")
-                           for _ in range(MC_SAMPLES)) / MC_SAMPLES
-            squared += float((estimate - exact).norm() / exact.norm()) ** 2
-        errors.append(math.sqrt(squared / MC_ESTIMATES))
+        errors.append(rms_relative_error(
+            lambda model=model, empirical=empirical, generator=generator: sum(
+                empirical(reinitialise(model, generator), x, outputs="mean")
+                for _ in range(MC_SAMPLES)) / MC_SAMPLES,
+            exact, MC_ESTIMATES))
     return errors
 
 

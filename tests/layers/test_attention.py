@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from torch.autograd import gradcheck
 
 import widenets as wn
+from tests.monte_carlo_errors import rms_relative_error
 from widenets.architectures import with_hidden_width
 from widenets.kernel import Kernel
 from widenets.layers.attention import (
@@ -129,12 +129,10 @@ def mc_errors(case: dict, get: str, seed: int = 0) -> list[float]:
         net = _mc_net(channels, heads, case, channels if get == "nngp" else 1)
         exact = net.kernel(x, get=get)
         generator = torch.Generator().manual_seed(seed)
-        squared = 0.0
-        for _ in range(MC_ESTIMATES):
-            estimate = wn.monte_carlo_kernel(net, x, get=get, n_samples=MC_SAMPLES,
-                                             generator=generator)
-            squared += float((estimate - exact).norm() / exact.norm()) ** 2
-        errors.append(math.sqrt(squared / MC_ESTIMATES))
+        errors.append(rms_relative_error(
+            lambda net=net, generator=generator: wn.monte_carlo_kernel(
+                net, x, get=get, n_samples=MC_SAMPLES, generator=generator),
+            exact, MC_ESTIMATES))
     return errors
 
 
