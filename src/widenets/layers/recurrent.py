@@ -153,7 +153,6 @@ class Recurrent(ReadsFromTheStart, Layer):
     def sublayers(self) -> tuple[Layer, ...]:
         return (self.cell,)
 
-
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
         sizes = k.layout.sizes
