@@ -661,3 +661,11 @@ def test_converted_architectures_pass_the_contract_kit(name):
     arch = wn.from_torch(make(), example_input=example, W_std=W_STD, b_std=B_STD)
     report = check_layer(arch, shape, before=(), after=())
     assert "monte_carlo" in report
+
+
+def test_refuses_scales_for_layers_the_module_does_not_have():
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    with pytest.raises(ValueError, match=r"W_std names layers .*\['fc'\].*\['0', '2'\]"):
+        wn.from_torch(model, W_std={"0": 1.5, "fc": 1.0})
+    with pytest.raises(ValueError, match=r"b_std names layers .*\['1'\]"):
+        wn.from_torch(model, b_std={"1": 0.1})

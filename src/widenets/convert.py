@@ -131,7 +131,16 @@ def from_torch(
         raise TypeError(
             f"example_input must be a tensor batch, got {type(example_input).__name__}")
     converter = _Converter(W_std, b_std, parameterization)
-    return converter.convert(module, example_input)
+    architecture = converter.convert(module, example_input)
+    for name, given in (("W_std", W_std), ("b_std", b_std)):
+        if isinstance(given, dict):
+            unknown = sorted(set(given) - converter.weighted_names)
+            if unknown:
+                raise ValueError(
+                    f"{name} names layers the module does not have (or that have no "
+                    f"weights): {unknown}; its weighted layers are "
+                    f"{sorted(converter.weighted_names)}")
+    return architecture
 
 
 def _twin_layer(module: nn.Module) -> Layer | None:
@@ -153,6 +162,7 @@ class _Converter:
     def __init__(self, W_std: Scale, b_std: Scale, parameterization: str) -> None:
         self.W_std, self.b_std = W_std, b_std
         self.parameterization = parameterization
+        self.weighted_names: set[str] = set()  # the layers whose scales were looked up
 
     # ----------------------------------------------------------------- entry
     def convert(self, module: nn.Module, example_input: torch.Tensor | None) -> Layer:
@@ -183,7 +193,7 @@ class _Converter:
             from torch.fx.passes.shape_prop import ShapeProp
 
             with torch.no_grad():
-                ShapeProp(traced).propagate(example_input.to(_parameter_dtype(module)))
+                ShapeProp(traced).propagate(_like_parameters(example_input, module))
         return _GraphConversion(self, traced).run()
 
     def _sequential_children(self, module: nn.Sequential,
@@ -193,12 +203,13 @@ class _Converter:
             layers.append(self.convert(child, x))
             if x is not None:
                 with torch.no_grad():
-                    x = child(x.to(_parameter_dtype(child)))
+                    x = child(_like_parameters(x, child))
         return Sequential(*layers)
 
     # ----------------------------------------------------------------- scales
     def scale(self, which: str, name: str, module: nn.Module, fan_in: int) -> float | None:
         """``W_std`` or ``b_std`` of the layer ``name``."""
+        self.weighted_names.add(name)
         given = self.W_std if which == "W_std" else self.b_std
         if isinstance(given, dict):
             value = given.get(name)
@@ -211,10 +222,11 @@ class _Converter:
         return float(value)
 
 
-def _parameter_dtype(module: nn.Module) -> torch.dtype:
+def _like_parameters(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` in the dtype and on the device of ``module``'s parameters (if it has any)."""
     for parameter in module.parameters():
-        return parameter.dtype
-    return torch.get_default_dtype()
+        return x.to(dtype=parameter.dtype, device=parameter.device)
+    return x
 
 
 class _GraphConversion:
