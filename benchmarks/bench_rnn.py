@@ -13,10 +13,9 @@ grows like ``T^2``).
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from serve import timed
 
 import widenets as wn
 
@@ -24,12 +23,6 @@ import widenets as wn
 def network(tied: bool) -> wn.Sequential:
     return wn.Sequential(wn.RNN(wn.Erf(), W_std=1.2, U_std=1.0, b_std=0.1, tied=tied),
                          wn.GlobalAvgPool(), wn.Linear(1))
-
-
-def seconds(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -51,7 +44,7 @@ def main() -> None:
                  for name, net in (("tied", tied), ("untied", untied))}
         for call in calls.values():
             call()
-        best = {name: min(seconds(call) for _ in range(args.repeats))
+        best = {name: min(timed(call) for _ in range(args.repeats))
                 for name, call in calls.items()}
         per_pair = best["tied"] / (args.n * args.n * length * length) * 1e9
         print(f"{length:>4} {best['tied']:>9.3f} {best['untied']:>10.3f} "

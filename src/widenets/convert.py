@@ -194,7 +194,7 @@ class _Converter:
 
             with torch.no_grad():
                 ShapeProp(traced).propagate(_like_parameters(example_input, module))
-        return _GraphConversion(self, traced).run()
+        return _GraphConversion(self, traced, inputs[0]).run()
 
     def _sequential_children(self, module: nn.Sequential,
                              example_input: torch.Tensor | None) -> Layer:
@@ -232,8 +232,9 @@ def _like_parameters(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 class _GraphConversion:
     """One traced graph: its nodes as layers and merges, then the combinators."""
 
-    def __init__(self, converter: _Converter, traced: fx.GraphModule) -> None:
-        self.converter, self.traced = converter, traced
+    def __init__(self, converter: _Converter, traced: fx.GraphModule,
+                 source: fx.Node) -> None:
+        self.converter, self.traced, self.source = converter, traced, source
         self.modules = dict(traced.named_modules())
         self.nodes = list(traced.graph.nodes)
         self.inputs: dict[fx.Node, list[fx.Node]] = {}   # tensor inputs of each node
@@ -243,7 +244,6 @@ class _GraphConversion:
         self.used_modules: dict[str, fx.Node] = {}
 
     def run(self) -> Layer:
-        (self.source,) = [n for n in self.nodes if n.op == "placeholder" and not _has_default(n)]
         self.dense[self.source] = _ndim(self.source) in (None, 2)
         output = next(n for n in self.nodes if n.op == "output")
         result = output.args[0]
@@ -251,26 +251,14 @@ class _GraphConversion:
             raise UnsupportedModule(
                 "from_torch converts modules that return one tensor; this one returns "
                 f"{type(result).__name__}")
+        needed = _ancestors(result)
         for node in self.nodes:
-            if node.op in ("placeholder", "output") or node not in self._needed(result):
-                continue
-            self._classify(node)
+            if node.op not in ("placeholder", "output") and node in needed:
+                self._classify(node)
         self.dominators = self._dominators(result)
         return _simplified(self._build(result, self.source))
 
     # ----------------------------------------------------------------- the graph
-    def _needed(self, result: fx.Node) -> set[fx.Node]:
-        if not hasattr(self, "_needed_cache"):
-            needed, stack = set(), [result]
-            while stack:
-                node = stack.pop()
-                if node in needed:
-                    continue
-                needed.add(node)
-                stack.extend(n for n in node.all_input_nodes)
-            self._needed_cache = needed
-        return self._needed_cache
-
     def _dominators(self, result: fx.Node) -> dict[fx.Node, set[fx.Node]]:
         """For each node, the nodes every path from the input to it goes through."""
         order = [n for n in self.nodes if n in self.inputs or n is self.source]
@@ -609,6 +597,17 @@ def _source_line(trace: str | None) -> str | None:
         return None
     where, code = users[-1]
     return f"{where}: {code}" if code else where
+
+
+def _ancestors(result: fx.Node) -> set[fx.Node]:
+    """``result`` and every node it is computed from."""
+    found, stack = set(), [result]
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(node.all_input_nodes)
+    return found
 
 
 def _has_default(node: fx.Node) -> bool:

@@ -221,12 +221,7 @@ class Recurrent(ReadsFromTheStart, Layer):
                           diagonal(own2, s)[None],
                           cross_ntk[:, :, t, s] if cross_ntk is not None else k.nngp.new_zeros(()))
             inputs = items.kernels(k, width, state_is_gaussian, with_ntk, sources)
-            state = self.cell.transform(inputs)
-            if not isinstance(state, Kernel):
-                raise ValueError(
-                    f"the cell of {type(self).__name__} must return one state, got "
-                    f"{len(state)} parallel branches; close them with a FanIn layer"
-                )
+            state = cast(Kernel, self.cell.transform(inputs))  # one state: _state_width
             out = state
             state_is_gaussian, sources, width = state.is_gaussian, state.sources, state.width
             means_known = means_known and state.mean_known
