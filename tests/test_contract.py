@@ -151,6 +151,10 @@ LAYERS: dict[str, Entry] = {
         wn.LastStep, (2, 5), before=lambda: (wn.RNN(wn.Erf(), 1.2, 1.0, 0.1),),
         after=lambda: (wn.Linear(1, 1.2, 0.1),),
         options={"side_inputs": testing.example_masks}),
+    "ChannelsLast": Entry(
+        wn.ChannelsLast, (5, 3), before=lambda: (),
+        after=lambda: (wn.Conv1d(8, 1, W_std=1.3, b_std=0.1), wn.Erf(), wn.GlobalAvgPool(),
+                       wn.Linear(1))),
     "Dropout": Entry(lambda: wn.Dropout(0.3), (3,)),
     "Dropout-images": Entry(lambda: wn.Dropout(0.2), (1, 5, 5),
                             after=lambda: (wn.Conv2d(4, 3, padding="same"), wn.ReLU(),

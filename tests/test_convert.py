@@ -107,16 +107,22 @@ class NormNet(nn.Module):
 @torch.no_grad()
 def reinitialise(model: nn.Module, generator: torch.Generator, W_std: float = W_STD,
                  b_std: float = B_STD) -> nn.Module:
-    """Weights ``N(0, W_std^2 / fan_in)``, biases ``N(0, b_std^2)``, drawn from
-    ``generator`` (float64 parameters)."""
+    """Weights ``N(0, W_std^2 / fan_in)``, biases ``N(0, b_std^2)`` (both of ``nn.RNN``'s),
+    drawn from ``generator`` (float64 parameters); widenets twins inside draw their own
+    standard normals."""
+    def draw(parameter: torch.Tensor, std: float) -> None:
+        parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=DTYPE) * std)
+
+    twins = [m for m in model.modules() if getattr(m, "widenets_layer", None) is not None]
+    inside_twins = {id(m) for twin in twins for m in twin.modules()}
+    for twin in twins:
+        for parameter in twin.parameters():
+            draw(parameter, 1.0)
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            fan_in = module.weight[0].numel()
-            module.weight.copy_(torch.randn(module.weight.shape, generator=generator,
-                                            dtype=DTYPE) * W_std / math.sqrt(fan_in))
-            if module.bias is not None:
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator,
-                                              dtype=DTYPE) * b_std)
+        if id(module) not in inside_twins and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNN)):
+            for name, parameter in module.named_parameters():
+                fan_in = parameter[0].numel()
+                draw(parameter, b_std if "bias" in name else W_std / math.sqrt(fan_in))
     return model
 
 
@@ -560,7 +566,8 @@ def test_refuses_a_trained_affine_layer_norm():
 
 
 def test_refuses_layer_norm_over_positions():
-    _refused(Wrap(nn.Conv2d(3, 4, 3), nn.LayerNorm(4)), X4, "LayerNorm", "(N, features)")
+    _refused(Wrap(nn.Conv2d(3, 4, 3), nn.LayerNorm(4)), X4, "LayerNorm",
+             "normalises over the last dim", "channels on dim 1", "transpose/permute")
 
 
 class MeanOverFeatures(nn.Module):

@@ -48,14 +48,17 @@ from .layers import (
     Flatten,
     GlobalAvgPool,
     Identity,
+    LastStep,
     Layer,
     LayerNorm,
     LeakyReLU,
     Linear,
     Parallel,
+    Recurrent,
     ReLU,
     Sequential,
 )
+from .layers.layout import ChannelsLast
 from .layers.pooling import AvgPool1d, AvgPool2d, AvgPool3d
 
 #: PyTorch's default weight scale: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` has variance
@@ -80,6 +83,20 @@ _CONVOLUTIONS: dict[type[nn.Module], type[Layer]] = {
 _AVG_POOLS: dict[type[nn.Module], type[Layer]] = {
     nn.AvgPool1d: AvgPool1d, nn.AvgPool2d: AvgPool2d, nn.AvgPool3d: AvgPool3d}
 _ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+#: ``nn.Linear`` on ``(N, *positions, C)``: the convolution of kernel size 1 by the number
+#: of position axes.
+_CONVOLUTION_BY_POSITIONS: dict[int, type[Layer]] = {1: Conv1d, 2: Conv2d, 3: Conv3d}
+_PERMUTATIONS = {torch.transpose, torch.swapaxes, torch.permute, torch.movedim,
+                 torch.moveaxis}
+_PERMUTATION_METHODS = {"transpose", "swapaxes", "permute", "movedim", "moveaxis"}
+
+# Where a value's channels are: no positions (``(N, features)``), on dim 1 (PyTorch's
+# convolutions), on the last dim (``nn.Linear`` and ``nn.LayerNorm`` on ``(N, L, C)``),
+# or as in the module's input (not known until an operation tells), or moved from there.
+# A recurrent module's result is a pair (its output and its final states).
+DENSE, FIRST, LAST, SOURCE, SOURCE_MOVED = "dense", "first", "last", "source", "source-moved"
+RNN_RESULT, FINAL_STATES = "rnn-result", "final-states"
+_MOVED = {FIRST: LAST, LAST: FIRST, SOURCE: SOURCE_MOVED, SOURCE_MOVED: SOURCE}
 
 
 #: Modules refused as a whole (not traced into), with what to do instead.
@@ -91,10 +108,16 @@ _ADVICE: dict[type[nn.Module], str] = {
                                    "positions)",
     nn.modules.batchnorm._BatchNorm: "remove it, or use LayerNorm",
     nn.Softmax: "widenets has softmax only inside attention (wn.SelfAttention)",
-    nn.MultiheadAttention: "write the model with wn.SelfAttention",
+    nn.MultiheadAttention: "its logits are scaled by 1/sqrt(head_dim), so as the width grows "
+                           "they stay random and the softmax of them has no closed-form "
+                           "kernel; write the attention as a widenets twin "
+                           "(wn.SelfAttention(...).build(...), tied query and key with "
+                           "1/head_dim logits) inside the model, or use Monte Carlo "
+                           "(wn.empirical_ntk of the finite model)",
     nn.TransformerEncoderLayer: "write the block with wn.SelfAttention, wn.LayerNorm and "
                                 "wn.Residual",
-    nn.RNNBase: "write the model with wn.RNN or wn.Recurrent",
+    nn.RNNBase: "widenets has no kernel for gated cells (LSTM, GRU): use nn.RNN, or "
+                "wn.Recurrent with a cell of widenets layers",
 }
 
 
@@ -207,7 +230,7 @@ class _Converter:
         return Sequential(*layers)
 
     # ----------------------------------------------------------------- scales
-    def scale(self, which: str, name: str, module: nn.Module, fan_in: int) -> float | None:
+    def scale(self, which: str, name: str, module: nn.Module, fan_in: int) -> float:
         """``W_std`` or ``b_std`` of the layer ``name``."""
         self.weighted_names.add(name)
         given = self.W_std if which == "W_std" else self.b_std
@@ -240,11 +263,12 @@ class _GraphConversion:
         self.inputs: dict[fx.Node, list[fx.Node]] = {}   # tensor inputs of each node
         self.layer: dict[fx.Node, Layer | None] = {}     # None: the identity
         self.merge: dict[fx.Node, Layer] = {}            # FanIn layers of merging nodes
-        self.dense: dict[fx.Node, bool] = {}             # no positions left (widenets' view)
+        self.layout: dict[fx.Node, str] = {}             # where the channels are (_LAYOUTS)
+        self.source_layout: str | None = None            # the input's, once an op tells
         self.used_modules: dict[str, fx.Node] = {}
 
     def run(self) -> Layer:
-        self.dense[self.source] = _ndim(self.source) in (None, 2)
+        self.layout[self.source] = DENSE if _ndim(self.source) in (None, 2) else SOURCE
         output = next(n for n in self.nodes if n.op == "output")
         result = output.args[0]
         if not isinstance(result, fx.Node):
@@ -256,7 +280,10 @@ class _GraphConversion:
             if node.op not in ("placeholder", "output") and node in needed:
                 self._classify(node)
         self.dominators = self._dominators(result)
-        return _simplified(self._build(result, self.source))
+        layers = self._build(result, self.source)
+        if self.source_layout == LAST:
+            layers = Sequential(ChannelsLast(), layers)
+        return _simplified(layers)
 
     # ----------------------------------------------------------------- the graph
     def _dominators(self, result: fx.Node) -> dict[fx.Node, set[fx.Node]]:
@@ -331,7 +358,7 @@ class _GraphConversion:
         if merge is not None:
             self.inputs[node] = tensors
             self.merge[node] = merge
-            self.dense[node] = self.dense[tensors[0]]
+            self.layout[node] = self._common_layout(node, tensors)
             return
         if len(tensors) != 1:
             raise UnsupportedModule(
@@ -339,13 +366,15 @@ class _GraphConversion:
                 "widenets has no layer for")
         (previous,) = tensors
         self.inputs[node] = [previous]
-        layer, dense = self._layer(node, previous)
+        layer, layout = self._layer(node, previous)
         self.layer[node] = layer
-        self.dense[node] = self.dense[previous] if dense is None else dense
+        self.layout[node] = self.layout[previous] if layout is None else layout
 
     def _is_tensor(self, node: fx.Node) -> bool:
         if node.op == "placeholder":
             return not _has_default(node)
+        if node.op == "call_module" and isinstance(self.modules[str(node.target)], nn.RNN):
+            return True  # (output, final states): read by the getitems that follow
         meta = node.meta.get("tensor_meta")
         if meta is not None:
             return hasattr(meta, "shape")
@@ -356,6 +385,70 @@ class _GraphConversion:
                 isinstance(node.args[0], fx.Node) and not self._is_tensor(node.args[0]))
         return True
 
+    # ----------------------------------------------------------------- layouts
+    def _resolved(self, layout: str) -> str:
+        """``layout`` with the input's layout filled in once it is known."""
+        if layout in (SOURCE, SOURCE_MOVED) and self.source_layout is not None:
+            return self.source_layout if layout == SOURCE else _MOVED[self.source_layout]
+        return layout
+
+    def _require(self, node: fx.Node, previous: fx.Node, wanted: str, why: str) -> None:
+        """Check that the channels of ``previous`` are where ``node`` reads them (``wanted``:
+        FIRST or LAST); the first such node tells the input's layout."""
+        layout = self._resolved(self.layout[previous])
+        if layout in (SOURCE, SOURCE_MOVED):
+            self.source_layout = wanted if layout == SOURCE else _MOVED[wanted]
+        elif layout != wanted:
+            where = "dim 1" if layout == FIRST else "the last dim"
+            self._refuse(node, f"{why}, but its input has its channels on {where}",
+                         "move the channel axis with transpose/permute first, or keep one "
+                         "layout throughout")
+
+    def _positions(self, previous: fx.Node) -> bool:
+        """Whether ``previous`` has positions (not ``(N, features)``)."""
+        return self._resolved(self.layout[previous]) != DENSE
+
+    def _common_layout(self, node: fx.Node, tensors: list[fx.Node]) -> str:
+        """The layout of a node merging ``tensors``: they must agree."""
+        known = [self._resolved(self.layout[t]) for t in tensors]
+        fixed = next((layout for layout in known if layout in (DENSE, FIRST, LAST)), None)
+        if fixed is None:
+            if len(set(known)) > 1:
+                self._refuse(node, "merges branches whose channels lie on different axes",
+                             "keep one layout in all branches")
+            return known[0]
+        for tensor in tensors:
+            if fixed == DENSE:
+                if self._positions(tensor):
+                    self._refuse(node, "merges branches with and without positions",
+                                 "merge branches of one shape")
+            else:
+                self._require(node, tensor, fixed, "merges branches")
+        return fixed
+
+    def _moved_channels(self, node: fx.Node, previous: fx.Node) -> tuple[None, str]:
+        """A transpose/permute/movedim: allowed when it moves the channels between dim 1
+        and the last dim and keeps the batch and the order of the positions."""
+        ndim = _ndim(previous)
+        if ndim is None or ndim < 3:
+            self._refuse(node, "permutes axes whose meaning is unknown",
+                         "pass example_input to from_torch")
+        assert ndim is not None
+        order = _permutation(node, ndim)
+        to_last, to_first = (0, *range(2, ndim), 1), (0, ndim - 1, *range(1, ndim - 1))
+        layout = self._resolved(self.layout[previous])
+        if order == tuple(range(ndim)):
+            return None, layout
+        if order not in (to_last, to_first):
+            self._refuse(node, f"permutes the axes as {order}",
+                         "only move the channel axis between dim 1 and the last dim")
+        if order == to_first and order != to_last:
+            self._require(node, previous, LAST, "moves the last axis to dim 1")
+        elif order == to_last and order != to_first:
+            self._require(node, previous, FIRST, "moves dim 1 to the end")
+        return None, _MOVED[self._resolved(self.layout[previous])]
+
+    # ----------------------------------------------------------------- merges
     def _merge_layer(self, node: fx.Node, tensors: list[fx.Node]) -> Layer | None:
         target = node.target
         if node.op == "call_function" and target in (operator.add, torch.add) or (
@@ -371,18 +464,24 @@ class _GraphConversion:
             return None  # a constant factor: refused among the unary operations
         if node.op == "call_function" and target in (torch.cat, torch.concat):
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            if dim not in (1, -_ndim_or(node, 2) + 1):
+            ndim = _ndim_or(node, 2)
+            wanted = FIRST if dim in (1, 1 - ndim) else LAST if dim in (-1, ndim - 1) else None
+            if wanted is None or (ndim == 2 and dim not in (1, -1)):
                 self._refuse(node, f"concatenates along dim {dim}",
                              "concatenate on the channel/feature axis (dim=1)")
+            if ndim > 2:
+                for tensor in tensors:
+                    self._require(node, tensor, wanted or FIRST, f"concatenates on dim {dim}")
             return FanInConcat()
         return None
 
-    def _layer(self, node: fx.Node, previous: fx.Node) -> tuple[Layer | None, bool | None]:
-        """The layer of a one-input node and whether its output is dense (``None``: as
-        the input)."""
+    # ----------------------------------------------------------------- one input
+    def _layer(self, node: fx.Node, previous: fx.Node) -> tuple[Layer | None, str | None]:
+        """The layer of a one-input node and the layout of its output (``None``: the
+        input's)."""
         if node.op == "call_module":
             return self._module_layer(node, previous)
-        target, args, kwargs = node.target, node.args, node.kwargs
+        target, kwargs = node.target, node.kwargs
         if node.op == "call_function":
             if target in (F.relu, torch.relu):
                 return ReLU(), None
@@ -400,9 +499,13 @@ class _GraphConversion:
                 p, training = _argument(node, 1, "p", 0.5), _argument(node, 2, "training", True)
                 return (Dropout(p) if training else None), None
             if target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
-                return self._adaptive(node, _argument(node, 1, "output_size", None))
+                return self._adaptive(node, previous, _argument(node, 1, "output_size", None))
             if target is torch.mean:
                 return self._mean(node, previous, _argument(node, 1, "dim", None))
+            if target in _PERMUTATIONS:
+                return self._moved_channels(node, previous)
+            if target is operator.getitem:
+                return self._item(node, previous)
         if node.op == "call_method":
             if target == "relu":
                 return ReLU(), None
@@ -416,18 +519,51 @@ class _GraphConversion:
                 return None, None
             if target in ("tanh", "sigmoid", "exp", "sin", "cos"):
                 return Elementwise(getattr(torch, str(target))), None
-        del args
+            if target in _PERMUTATION_METHODS:
+                return self._moved_channels(node, previous)
+            if target == "squeeze" and self.layout[previous] == FINAL_STATES:
+                return self._final_state(node, previous, 0)
         self._refuse(node, "has no infinite-width counterpart in widenets",
                      "use wn.empirical_ntk or wn.monte_carlo_kernel of the finite model")
         raise AssertionError  # (unreachable: _refuse raises)
 
+    def _item(self, node: fx.Node, previous: fx.Node) -> tuple[Layer | None, str]:
+        """``x[...]``: the parts of a recurrent module's result, or the last step of a
+        sequence (``out[:, -1]``)."""
+        index = node.args[1]
+        if self.layout[previous] == RNN_RESULT:
+            return None, LAST if index == 0 else FINAL_STATES
+        if self.layout[previous] == FINAL_STATES:
+            return self._final_state(node, previous, index)
+        ndim = _ndim(previous)
+        whole = slice(None)
+        if ndim == 3 and index in ((whole, -1), (whole, -1, whole)):
+            self._require(node, previous, LAST, "reads the last step of dim 1")
+            return LastStep(), DENSE
+        if ndim == 3 and index == (whole, whole, -1):
+            self._require(node, previous, FIRST, "reads the last step of dim 2")
+            return LastStep(), DENSE
+        self._refuse(node, f"indexes the tensor with {index!r}",
+                     "read sequences whole, by a mean over positions or their last step "
+                     "(out[:, -1] for (N, L, C))")
+        raise AssertionError
+
+    def _final_state(self, node: fx.Node, previous: fx.Node, index: Any) -> tuple[Layer, str]:
+        """``h_n[-1]`` of a recurrent module (the last layer's final state)."""
+        (rnn,) = self.inputs[previous]
+        layers = self.modules[str(rnn.target)].num_layers
+        if index not in (-1, layers - 1):
+            self._refuse(node, f"reads the final state of layer {index} of {layers}",
+                         "read the last layer's (h_n[-1])")
+        return LastStep(), DENSE
+
     def _module_layer(self, node: fx.Node,
-                      previous: fx.Node) -> tuple[Layer | None, bool | None]:
+                      previous: fx.Node) -> tuple[Layer | None, str | None]:
         name = str(node.target)
         module = self.modules[name]
         twin = _twin_layer(module)
         if twin is not None:
-            return twin, None
+            return self._twin(node, previous, twin)
         if any(True for _ in module.parameters(recurse=False)) or isinstance(
                 module, (nn.Linear, *_CONVOLUTIONS)):
             if name in self.used_modules:
@@ -435,11 +571,13 @@ class _GraphConversion:
                              "would be shared)", "give each place its own layer")
             self.used_modules[name] = node
         if isinstance(module, nn.Linear):
-            return self._weighted(Linear, name, module, module.in_features,
-                                  (module.out_features,)), True
+            return self._linear(node, previous, name, module)
         for torch_type, conv_type in _CONVOLUTIONS.items():
             if isinstance(module, torch_type):
-                return self._conv(node, name, module, conv_type), False
+                self._require(node, previous, FIRST, "convolves with channels on dim 1")
+                return self._conv(node, name, module, conv_type), FIRST
+        if isinstance(module, nn.RNN):
+            return self._rnn(node, previous, name, module), RNN_RESULT
         if isinstance(module, nn.ReLU):
             return ReLU(), None
         if isinstance(module, nn.LeakyReLU):
@@ -457,9 +595,10 @@ class _GraphConversion:
             return self._flatten(node, previous, module.start_dim)
         for torch_type, pool_type in _AVG_POOLS.items():
             if isinstance(module, torch_type):
-                return self._avg_pool(node, module, pool_type), False
+                self._require(node, previous, FIRST, "pools with channels on dim 1")
+                return self._avg_pool(node, module, pool_type), FIRST
         if isinstance(module, _ADAPTIVE):
-            return self._adaptive(node, module.output_size)
+            return self._adaptive(node, previous, module.output_size)
         if isinstance(module, nn.LayerNorm):
             return self._layer_norm(node, previous, module), None
         advice = next((text for kind, text in _ADVICE.items() if isinstance(module, kind)),
@@ -476,6 +615,63 @@ class _GraphConversion:
         b_std = self.converter.scale("b_std", name, module, fan_in) if has_bias else None
         return kind(*head, W_std=W_std, b_std=b_std,
                     parameterization=self.converter.parameterization, **options)
+
+    def _linear(self, node: fx.Node, previous: fx.Node, name: str,
+                module: nn.Linear) -> tuple[Layer, str]:
+        """``nn.Linear``: a dense layer, or on ``(N, *positions, C)`` the same weights at
+        every position (a convolution with kernel size 1)."""
+        if not self._positions(previous):
+            return self._weighted(Linear, name, module, module.in_features,
+                                  (module.out_features,)), DENSE
+        self._require(node, previous, LAST, "applies nn.Linear to the last dim")
+        ndim = _ndim_or(previous, 3)
+        if ndim - 2 not in _CONVOLUTION_BY_POSITIONS:
+            self._refuse(node, f"applies nn.Linear to a tensor of {ndim} dims",
+                         "use inputs with 1 to 3 position axes")
+        kind = _CONVOLUTION_BY_POSITIONS[ndim - 2]
+        return self._weighted(kind, name, module, module.in_features,
+                              (module.out_features, (1,) * (ndim - 2))), LAST
+
+    def _twin(self, node: fx.Node, previous: fx.Node,
+              twin: Layer) -> tuple[Layer, str | None]:
+        """A widenets twin inside the model: its own layer (channels first)."""
+        if self._positions(previous):
+            self._require(node, previous, FIRST, "is a widenets layer (channels on dim 1)")
+        return twin, DENSE if _ndim(node) == 2 else (FIRST if self._positions(previous)
+                                                      else None)
+
+    def _rnn(self, node: fx.Node, previous: fx.Node, name: str, module: nn.RNN) -> Layer:
+        """``nn.RNN(batch_first=True)``: a stack of weight-tied recurrent layers, each
+        ``h_t = activation(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``.
+
+        Scales: ``W_std`` of the module for both weight matrices (each over its own fan-in:
+        PyTorch draws both with variance ``1 / (3 hidden_size)``, which would make the
+        input weights vanish as the hidden size grows); ``b_std`` for each of the two
+        biases, which add up (by default PyTorch's variance ``1 / (3 hidden_size)``)."""
+        if not module.batch_first:
+            self._refuse(node, "reads (L, N, C) sequences (batch_first=False)",
+                         "use batch_first=True: widenets reads the batch on dim 0")
+        if module.bidirectional:
+            self._refuse(node, "is bidirectional", "use bidirectional=False")
+        if module.dropout and module.training and module.num_layers > 1:
+            self._refuse(node, "drops between its layers",
+                         "use dropout=0 (or a separate nn.Dropout with one-layer modules)")
+        self._require(node, previous, LAST, "reads (N, L, C) sequences")
+        width = module.hidden_size
+        W_std = self.converter.scale("W_std", name, module, width)
+        b_std = None
+        if module.bias:
+            b_std = math.sqrt(2.0) * self.converter.scale("b_std", name, module, width)
+        activation = ReLU() if module.nonlinearity == "relu" else Elementwise(torch.tanh)
+        p = self.converter.parameterization
+        layers = []
+        for _ in range(module.num_layers):
+            cell = Sequential(
+                Parallel(Linear(width, W_std, b_std, parameterization=p),
+                         Linear(width, W_std, parameterization=p)),
+                FanInSum(), activation)
+            layers.append(Recurrent(cell, tied=True))
+        return layers[0] if len(layers) == 1 else Sequential(*layers)
 
     def _conv(self, node: fx.Node, name: str, module: nn.Module, kind: type) -> Layer:
         conv = module
@@ -517,43 +713,53 @@ class _GraphConversion:
         make: Any = kind
         return make(pool.kernel_size, pool.stride)
 
-    def _adaptive(self, node: fx.Node, output_size: Any) -> tuple[Layer, bool]:
+    def _adaptive(self, node: fx.Node, previous: fx.Node,
+                  output_size: Any) -> tuple[Layer, str]:
         sizes = output_size if isinstance(output_size, tuple) else (output_size,)
         if any(s != 1 for s in sizes):
             self._refuse(node, f"pools to size {output_size}",
                          "use an output size of 1 (a mean over all positions)")
-        return GlobalAvgPool(), True
+        self._require(node, previous, FIRST, "pools with channels on dim 1")
+        return GlobalAvgPool(), DENSE
 
-    def _mean(self, node: fx.Node, previous: fx.Node, dims: Any) -> tuple[Layer, bool]:
+    def _mean(self, node: fx.Node, previous: fx.Node, dims: Any) -> tuple[Layer, str]:
         ndim = _ndim(previous)
         if ndim is None:
             self._refuse(node, "takes a mean over axes whose meaning is unknown",
                          "pass example_input to from_torch")
         assert ndim is not None
-        wanted = set(range(2, ndim))
         given = {d % ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))
                  } if dims is not None else None
-        if given != wanted:
+        if ndim > 2 and given == set(range(2, ndim)):
+            self._require(node, previous, FIRST, f"averages over dims {dims}")
+        elif ndim > 2 and given == set(range(1, ndim - 1)):
+            self._require(node, previous, LAST, f"averages over dims {dims}")
+        else:
             self._refuse(node, f"takes a mean over dims {dims}",
-                         "average over all positions (dims 2 and on), as global pooling")
-        return GlobalAvgPool(), True
+                         "average over all positions (dims 2 and on, or for (N, L, C) "
+                         "dim 1), as global pooling")
+        return GlobalAvgPool(), DENSE
 
     def _flatten(self, node: fx.Node, previous: fx.Node,
-                 start_dim: int) -> tuple[Layer | None, bool]:
+                 start_dim: int) -> tuple[Layer | None, str]:
         if start_dim != 1:
             self._refuse(node, f"flattens from dim {start_dim}", "flatten from dim 1")
-        if self.dense.get(previous, False):
-            return None, True
-        return Flatten(), True
+        if not self._positions(previous):
+            return None, DENSE
+        if self._resolved(self.layout[previous]) in (SOURCE, SOURCE_MOVED):
+            self.source_layout = FIRST  # (the order of the flattened entries does not matter)
+        return Flatten(), DENSE
 
     def _is_batch_flatten(self, node: fx.Node) -> bool:
         shape = node.args[1:]
         return bool(len(shape) == 2 and shape[1] == -1)
 
     def _layer_norm(self, node: fx.Node, previous: fx.Node, module: nn.LayerNorm) -> Layer:
-        if not self.dense.get(previous, False) or len(module.normalized_shape) != 1:
-            self._refuse(node, "normalises a representation with positions",
-                         "use LayerNorm on (N, features) representations")
+        if len(module.normalized_shape) != 1:
+            self._refuse(node, "normalises over several axes",
+                         "normalise over the features (the last dim) only")
+        if self._positions(previous):
+            self._require(node, previous, LAST, "normalises over the last dim")
         if module.elementwise_affine and not (
                 bool((module.weight == 1).all()) and (
                     module.bias is None or bool((module.bias == 0).all()))):
@@ -608,6 +814,23 @@ def _ancestors(result: fx.Node) -> set[fx.Node]:
             found.add(node)
             stack.extend(node.all_input_nodes)
     return found
+
+
+def _permutation(node: fx.Node, ndim: int) -> tuple[int, ...]:
+    """The order of the input's axes in the output of a transpose/permute/movedim node."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    args: list[Any] = [*node.args[1:], *node.kwargs.values()]
+    if name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        return tuple(int(d) % ndim for d in dims)
+    first, second = (int(a) % ndim for a in args[:2])
+    order = list(range(ndim))
+    if name in ("transpose", "swapaxes"):
+        order[first], order[second] = order[second], order[first]
+        return tuple(order)
+    order.remove(first)  # movedim(source, destination)
+    order.insert(second, first)
+    return tuple(order)
 
 
 def _has_default(node: fx.Node) -> bool:

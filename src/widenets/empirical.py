@@ -98,8 +98,15 @@ def private_copy(model: nn.Module) -> nn.Module:
 
 
 def _model_inputs(model: nn.Module, x1: object, x2: object | None):
-    """Inputs as tensors on the model's device and dtype (NumPy data: float64)."""
-    t1, t2 = as_input_pair(x1, x2)
+    """Inputs as tensors on the model's device and dtype (NumPy data: float64). The
+    channels-last warning only for widenets twins that read channels first: any other
+    module reads its inputs its own way."""
+    from .layers.base import Layer
+    from .layers.layout import reads_channels_last
+
+    layer = getattr(model, "widenets_layer", None)
+    warn = isinstance(layer, Layer) and not reads_channels_last(layer)
+    t1, t2 = as_input_pair(x1, x2, layout_warning=warn)
     reference = next(iter(model.parameters()), None)
     if reference is not None and (t1.device != reference.device or t1.dtype != reference.dtype):
         if isinstance(x1, torch.Tensor) and t1.device != reference.device:
@@ -109,6 +116,13 @@ def _model_inputs(model: nn.Module, x1: object, x2: object | None):
         t1 = t1.to(dtype=reference.dtype, device=reference.device)
         t2 = None if t2 is None else t2.to(dtype=reference.dtype, device=reference.device)
     return t1, t2
+
+
+def _has_recurrent_module(model: nn.Module) -> bool:
+    """Whether ``model`` holds a ``torch.nn`` recurrent module (``nn.RNN``, ``nn.LSTM``,
+    ``nn.GRU``): their fused kernels fail under ``vmap`` over examples, which the
+    ``"jacobian"`` and ``"structured"`` implementations use."""
+    return any(isinstance(module, nn.RNNBase) for module in model.modules())
 
 
 def _as_outputs(out: object, n: int) -> torch.Tensor:
@@ -482,7 +496,9 @@ def empirical_ntk(
             (vjp then jvp, no Jacobian held), ``"structured"`` (dense and convolutional
             layers contracted per layer from their output cotangents and inputs, see
             ``widenets.structured_ntk``) or ``"auto"``: the cheapest by the flop
-            counts of ``estimated_costs``. All give the same numbers.
+            counts of ``estimated_costs`` (``"ntk_vector"`` for a model with a
+            ``torch.nn`` recurrent module, whose fused kernels fail under ``vmap`` over
+            examples). All give the same numbers.
         batch_size: examples per block. The Jacobians (or cotangents) of ``x2``'s
             blocks are kept up to ``PARTS_CACHE_BYTES`` (1 GiB) and recomputed
             beyond, so memory stays bounded; with ``x2=None`` only the upper triangle
@@ -511,6 +527,8 @@ def empirical_ntk(
         raise ValueError("model has no trainable parameters: its NTK is zero")
     buffers = _buffer_copies(model)
     layers, n_out = _probe(model, t1, params, buffers)
+    if implementation == "auto" and _has_recurrent_module(model):
+        implementation = "ntk_vector"  # torch's recurrent modules do not run per example
     if implementation == "auto":
         costs = estimated_costs(layers, params, t1.shape[0], None if t2 is None else t2.shape[0],
                                 n_out, outputs)

@@ -102,7 +102,10 @@ def compute_kernels(
     see :meth:`widenets.Layer.kernel` for the arguments and the result."""
     names = parse_get(get)
     progress = check_progress(progress)
-    t1, t2 = as_input_pair(x1, x2)
+    from .layers.layout import channels_first, reads_channels_last
+
+    t1, t2 = as_input_pair(x1, x2, layout_warning=not reads_channels_last(net))
+    net, t1, t2 = channels_first(net, t1, t2)
     if dtype is not None:
         if dtype not in COMPUTE_DTYPES:
             raise TypeError(

@@ -131,17 +131,18 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def as_input_pair(
-    x1: object, x2: object | None
+    x1: object, x2: object | None, layout_warning: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate ``x1`` and ``x2`` (``None`` meaning ``x2 = x1``) as one batch pair.
 
     ``x2`` is converted to the dtype and device of ``x1`` when it is NumPy data; two
-    tensors must already agree. Per-example shapes must be equal.
+    tensors must already agree. Per-example shapes must be equal. ``layout_warning``:
+    warn when a shape looks channels-last (not for networks that read channels last).
     """
-    t1 = as_data_tensor(x1, "x1")
+    t1 = as_data_tensor(x1, "x1", layout_warning)
     if x2 is None:
         return t1, None
-    t2 = as_data_tensor(x2, "x2")
+    t2 = as_data_tensor(x2, "x2", layout_warning)
     if not isinstance(x2, torch.Tensor):
         t2 = t2.to(dtype=t1.dtype, device=t1.device)
     elif not isinstance(x1, torch.Tensor):

@@ -17,6 +17,7 @@ from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
 from .layers.combinators import SequentialModule
+from .layers.layout import channels_first, reads_channels_last
 from .side_inputs import finite_side_inputs
 
 
@@ -112,7 +113,8 @@ def monte_carlo_kernel(
         raise TypeError(f"net must be a widenets layer, got {type(net).__name__}")
     names = parse_get(get)
     n_samples = check_positive_int(n_samples, "n_samples")
-    t1, t2 = as_input_pair(x1, x2)
+    t1, t2 = as_input_pair(x1, x2, layout_warning=not reads_channels_last(net))
+    net, t1, t2 = channels_first(net, t1, t2)
     side = checked_side_inputs(t1, t2, (mask1, mask2), (adjacency1, adjacency2))
     for layer in net.walk():
         layer.check_masks(side[0], side[1])

@@ -43,6 +43,7 @@ from .engine import SideInputs, checked_side_inputs, tracks_gradients
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
+from .layers.layout import channels_first, reads_channels_last
 from .optional import require
 from .requirements import network_needs
 from .specs import NotCanonicalError
@@ -335,7 +336,8 @@ def prepare_kernel(
     auto = isinstance(tile, str)
     if auto and tile != "auto":
         raise TypeError(f"tile must be 'auto', an int or (rows, cols), got {tile!r}")
-    t1, t2 = as_input_pair(x1, x2)
+    t1, t2 = as_input_pair(x1, x2, layout_warning=not reads_channels_last(net))
+    net, t1, t2 = channels_first(net, t1, t2)
     side_inputs = checked_side_inputs(t1, t2, (mask1, mask2), (adjacency1, adjacency2))
     symmetric = t2 is None
     n1, n2 = t1.shape[0], t1.shape[0] if t2 is None else t2.shape[0]

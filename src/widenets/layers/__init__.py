@@ -32,12 +32,13 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .dense import Linear
 from .dropout import Dropout
 from .graph import Aggregate
+from .layout import ChannelsLast
 from .normalization import LayerNorm
 from .pooling import AvgPool1d, AvgPool2d, AvgPool3d, Flatten, GlobalAvgPool
 from .recurrent import RNN, LastStep, Recurrent
 
 __all__ = [
-    "Aggregate", "Dropout", "SelfAttention", "RNN", "Recurrent", "LastStep", "ABReLU", "Abs",
+    "Aggregate", "ChannelsLast", "Dropout", "SelfAttention", "RNN", "Recurrent", "LastStep", "ABReLU", "Abs",
     "Activation", "Cos", "Elementwise",
     "Erf", "GELU", "Identity", "LeakyReLU", "Rbf", "RectifiedMonomial", "ReLU", "Sign", "Sin",
     "Step", "Layer", "FanInConcat", "FanInProd", "FanInSum", "FanOut", "Parallel", "Residual",
