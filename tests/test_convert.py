@@ -119,7 +119,8 @@ def reinitialise(model: nn.Module, generator: torch.Generator, W_std: float = W_
         for parameter in twin.parameters():
             draw(parameter, 1.0)
     for module in model.modules():
-        if id(module) not in inside_twins and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNN)):
+        if id(module) not in inside_twins and isinstance(
+                module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNN)):
             for name, parameter in module.named_parameters():
                 fan_in = parameter[0].numel()
                 draw(parameter, b_std if "bias" in name else W_std / math.sqrt(fan_in))
@@ -412,6 +413,8 @@ ROUND_TRIP = {  # name: (architecture, per-example input shape)
     "concat": (wn.Sequential(wn.Linear(6), wn.FanOut(2), wn.Parallel(wn.ReLU(), wn.Erf()),
                              wn.FanInConcat(), wn.Linear(1)), (4,)),
     "rnn": (wn.Sequential(wn.RNN(wn.Erf()), wn.GlobalAvgPool(), wn.Linear(1)), (2, 4)),
+    "channels_last_rnn": (wn.Sequential(wn.ChannelsLast(), wn.RNN(wn.ReLU(), 1.2, 0.9, 0.1),
+                                        wn.LastStep(), wn.Linear(1)), (4, 2)),
     "attention": (wn.Sequential(wn.Conv1d(4, 1, W_std=1.0, b_std=0.1),
                                 wn.SelfAttention(n_heads=2, channels=4), wn.Flatten(),
                                 wn.Linear(1)), (2, 5)),

@@ -451,3 +451,11 @@ def test_refuses_layouts_that_disagree_naming_the_node():
     _refused(SwapPositions(), torch.randn(2, 3, 5, 5), "node 'transpose'",
              "permutes the axes as (0, 1, 3, 2)")
     _refused(MixedLayouts(), torch.randn(2, 3, 5), "channels on")
+
+
+def test_sequence_models_without_an_example_input_ask_for_one():
+    with pytest.raises(UnsupportedModule, match="mean over axes whose meaning is unknown.*"
+                       "pass example_input"):
+        wn.from_torch(TokenMLP(6))
+    with pytest.raises(UnsupportedModule, match="module rnn.*no positions.*pass example_input"):
+        wn.from_torch(ElmanLast(6))

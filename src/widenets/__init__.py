@@ -56,8 +56,9 @@ from .tiles import kernel_matrix, load_kernel
 from .version import __version__
 
 __all__ = [
-    "ABReLU", "Abs", "Aggregate", "AvgPool1d", "AvgPool2d", "AvgPool3d", "ChannelsLast", "Conv1d",
-    "Conv2d", "Conv3d", "Dropout", "Flatten", "GlobalAvgPool", "Cos", "Elementwise", "Erf", "FanInConcat",
+    "ABReLU", "Abs", "Aggregate", "AvgPool1d", "AvgPool2d", "AvgPool3d", "ChannelsLast",
+    "Conv1d", "Conv2d", "Conv3d", "Dropout", "Flatten", "GlobalAvgPool", "Cos", "Elementwise",
+    "Erf", "FanInConcat",
     "FanInProd", "FanInSum", "FanOut", "GELU", "Identity", "Kernel", "Kernels", "Layer",
     "LastStep", "LayerNorm", "LeakyReLU", "Linear", "Parallel", "Rbf", "RectifiedMonomial",
     "Recurrent", "ReLU", "Residual", "RNN",

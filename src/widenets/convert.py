@@ -398,6 +398,9 @@ class _GraphConversion:
         layout = self._resolved(self.layout[previous])
         if layout in (SOURCE, SOURCE_MOVED):
             self.source_layout = wanted if layout == SOURCE else _MOVED[wanted]
+        elif layout == DENSE:
+            self._refuse(node, f"{why}, but its input has no positions (or its shape is "
+                         "unknown)", "pass example_input to from_torch")
         elif layout != wanted:
             where = "dim 1" if layout == FIRST else "the last dim"
             self._refuse(node, f"{why}, but its input has its channels on {where}",

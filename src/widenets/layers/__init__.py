@@ -38,7 +38,8 @@ from .pooling import AvgPool1d, AvgPool2d, AvgPool3d, Flatten, GlobalAvgPool
 from .recurrent import RNN, LastStep, Recurrent
 
 __all__ = [
-    "Aggregate", "ChannelsLast", "Dropout", "SelfAttention", "RNN", "Recurrent", "LastStep", "ABReLU", "Abs",
+    "Aggregate", "ChannelsLast", "Dropout", "SelfAttention", "RNN", "Recurrent", "LastStep",
+    "ABReLU", "Abs",
     "Activation", "Cos", "Elementwise",
     "Erf", "GELU", "Identity", "LeakyReLU", "Rbf", "RectifiedMonomial", "ReLU", "Sign", "Sin",
     "Step", "Layer", "FanInConcat", "FanInProd", "FanInSum", "FanOut", "Parallel", "Residual",
