@@ -457,5 +457,13 @@ def test_sequence_models_without_an_example_input_ask_for_one():
     with pytest.raises(UnsupportedModule, match="mean over axes whose meaning is unknown.*"
                        "pass example_input"):
         wn.from_torch(TokenMLP(6))
-    with pytest.raises(UnsupportedModule, match="module rnn.*no positions.*pass example_input"):
+    with pytest.raises(UnsupportedModule, match="module rnn.*shape of its input is unknown.*"
+                       "pass example_input"):
         wn.from_torch(ElmanLast(6))
+
+
+def test_convolutional_models_still_convert_without_an_example_input():
+    from tests.test_convert import FlatCNN
+
+    model = FlatCNN(4)
+    assert wn.from_torch(model) == wn.from_torch(model, example_input=torch.randn(2, 3, 5, 5))

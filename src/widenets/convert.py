@@ -8,6 +8,13 @@ and a ``FanIn`` layer from the last value that all its branches go through. The 
 an ordinary widenets architecture (printable, with a spec, a kernel store identity and a
 finite twin of the same structure).
 
+Layouts: the conversion follows where each value's channels are, on dim 1 (convolutions)
+or on the last dim (``nn.Linear`` and ``nn.LayerNorm`` on ``(N, L, C)`` tokens, which are
+the same weights at every position: convolutions of kernel size 1); transposes that move
+the channels between the two change nothing in the kernel, and a module that reads its
+input channels last becomes an architecture that starts with ``ChannelsLast``.
+``nn.RNN(batch_first=True)`` becomes weight-tied ``Recurrent`` layers.
+
 Initialisation (what "the kernel of this module family" means): every weight matrix
 ``N(0, W_std^2 / fan_in)`` and every bias ``N(0, b_std^2)``, in the *standard*
 parameterisation by default (the module's own ``x @ W.T + b``, so the NTK is that of
@@ -92,9 +99,11 @@ _PERMUTATION_METHODS = {"transpose", "swapaxes", "permute", "movedim", "moveaxis
 
 # Where a value's channels are: no positions (``(N, features)``), on dim 1 (PyTorch's
 # convolutions), on the last dim (``nn.Linear`` and ``nn.LayerNorm`` on ``(N, L, C)``),
-# or as in the module's input (not known until an operation tells), or moved from there.
-# A recurrent module's result is a pair (its output and its final states).
+# or as in the module's input (not known until an operation tells), or moved from there;
+# UNKNOWN: no example input told the shapes (read as (N, features), or as channels first
+# by a convolution). A recurrent module's result is a pair (its output and final states).
 DENSE, FIRST, LAST, SOURCE, SOURCE_MOVED = "dense", "first", "last", "source", "source-moved"
+UNKNOWN = "unknown"
 RNN_RESULT, FINAL_STATES = "rnn-result", "final-states"
 _MOVED = {FIRST: LAST, LAST: FIRST, SOURCE: SOURCE_MOVED, SOURCE_MOVED: SOURCE}
 
@@ -263,12 +272,13 @@ class _GraphConversion:
         self.inputs: dict[fx.Node, list[fx.Node]] = {}   # tensor inputs of each node
         self.layer: dict[fx.Node, Layer | None] = {}     # None: the identity
         self.merge: dict[fx.Node, Layer] = {}            # FanIn layers of merging nodes
-        self.layout: dict[fx.Node, str] = {}             # where the channels are (_LAYOUTS)
+        self.layout: dict[fx.Node, str] = {}             # where the channels are (DENSE...)
         self.source_layout: str | None = None            # the input's, once an op tells
         self.used_modules: dict[str, fx.Node] = {}
 
     def run(self) -> Layer:
-        self.layout[self.source] = DENSE if _ndim(self.source) in (None, 2) else SOURCE
+        ndim = _ndim(self.source)
+        self.layout[self.source] = UNKNOWN if ndim is None else DENSE if ndim == 2 else SOURCE
         output = next(n for n in self.nodes if n.op == "output")
         result = output.args[0]
         if not isinstance(result, fx.Node):
@@ -398,9 +408,14 @@ class _GraphConversion:
         layout = self._resolved(self.layout[previous])
         if layout in (SOURCE, SOURCE_MOVED):
             self.source_layout = wanted if layout == SOURCE else _MOVED[wanted]
+        elif layout == UNKNOWN and wanted == FIRST:
+            return  # (PyTorch's layout, as without example inputs before)
+        elif layout == UNKNOWN:
+            self._refuse(node, f"{why}, but the shape of its input is unknown",
+                         "pass example_input to from_torch")
         elif layout == DENSE:
-            self._refuse(node, f"{why}, but its input has no positions (or its shape is "
-                         "unknown)", "pass example_input to from_torch")
+            self._refuse(node, f"{why}, but its input is (N, features)",
+                         "give it an input with positions")
         elif layout != wanted:
             where = "dim 1" if layout == FIRST else "the last dim"
             self._refuse(node, f"{why}, but its input has its channels on {where}",
@@ -408,8 +423,9 @@ class _GraphConversion:
                          "layout throughout")
 
     def _positions(self, previous: fx.Node) -> bool:
-        """Whether ``previous`` has positions (not ``(N, features)``)."""
-        return self._resolved(self.layout[previous]) != DENSE
+        """Whether ``previous`` has positions (not ``(N, features)``, nor of unknown
+        shape)."""
+        return self._resolved(self.layout[previous]) not in (DENSE, UNKNOWN)
 
     def _common_layout(self, node: fx.Node, tensors: list[fx.Node]) -> str:
         """The layout of a node merging ``tensors``: they must agree."""
