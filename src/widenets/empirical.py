@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from .engine import check_progress, progress_bar, wider_dtype_hint
+from .engine import check_progress, progress_bar, reads_channels_last, wider_dtype_hint
 from .inputs import all_finite, as_input_pair, check_positive_int
 from .structured_ntk import (
     AffineLayer,
@@ -101,11 +101,8 @@ def _model_inputs(model: nn.Module, x1: object, x2: object | None):
     """Inputs as tensors on the model's device and dtype (NumPy data: float64). The
     channels-last warning only for widenets twins that read channels first: any other
     module reads its inputs its own way."""
-    from .layers.base import Layer
-    from .layers.layout import reads_channels_last
-
     layer = getattr(model, "widenets_layer", None)
-    warn = isinstance(layer, Layer) and not reads_channels_last(layer)
+    warn = layer is not None and not reads_channels_last(layer)
     t1, t2 = as_input_pair(x1, x2, layout_warning=warn)
     reference = next(iter(model.parameters()), None)
     if reference is not None and (t1.device != reference.device or t1.dtype != reference.dtype):

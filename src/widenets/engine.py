@@ -102,8 +102,6 @@ def compute_kernels(
     see :meth:`widenets.Layer.kernel` for the arguments and the result."""
     names = parse_get(get)
     progress = check_progress(progress)
-    from .layers.layout import channels_first, reads_channels_last
-
     t1, t2 = as_input_pair(x1, x2, layout_warning=not reads_channels_last(net))
     net, t1, t2 = channels_first(net, t1, t2)
     if dtype is not None:
@@ -132,6 +130,28 @@ def compute_kernels(
 #: second of each pair that of ``x2`` (``mask1``'s and ``adjacency1``'s when ``x2`` is
 #: ``None``).
 SideInputs = tuple[torch.Tensor | None, ...]
+
+
+def reads_channels_last(net: Any) -> bool:
+    """Whether ``net`` starts with :class:`~widenets.ChannelsLast` (its inputs are
+    ``(N, *positions, C)``)."""
+    return net.after_channels_last() is not None
+
+
+def channels_first(
+    net: Any, x1: torch.Tensor, x2: torch.Tensor | None
+) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+    """``net`` and inputs ``x1``, ``x2`` as the kernel computation takes them: for a
+    network that starts with :class:`~widenets.ChannelsLast`, the network after it and
+    the inputs with their last axis moved to position 1; otherwise unchanged."""
+    inner = net.after_channels_last()
+    if inner is None:
+        return net, x1, x2
+
+    def moved(x: torch.Tensor) -> torch.Tensor:
+        return x if x.ndim <= 2 else x.movedim(-1, 1)
+
+    return inner, moved(x1), None if x2 is None else moved(x2)
 
 
 def checked_side_inputs(

@@ -12,12 +12,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .empirical import empirical_nngp, empirical_ntk, one_pass_ntk
-from .engine import checked_side_inputs
+from .engine import channels_first, checked_side_inputs, reads_channels_last
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
 from .layers.combinators import SequentialModule
-from .layers.layout import channels_first, reads_channels_last
 from .side_inputs import finite_side_inputs
 
 

@@ -39,11 +39,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .engine import SideInputs, checked_side_inputs, tracks_gradients
+from .engine import (
+    SideInputs,
+    channels_first,
+    checked_side_inputs,
+    reads_channels_last,
+    tracks_gradients,
+)
 from .inputs import as_input_pair, check_positive_int, parse_get
 from .kernel import Kernels
 from .layers.base import Layer
-from .layers.layout import channels_first, reads_channels_last
 from .optional import require
 from .requirements import network_needs
 from .specs import NotCanonicalError

@@ -59,6 +59,12 @@ class Layer:
         """Raise a ``ValueError`` if this layer cannot take these (checked) masks; for
         entry points that do not run the kernel rule (Monte Carlo). Accepts any."""
 
+    def after_channels_last(self) -> Layer | None:
+        """This network without the :class:`~widenets.ChannelsLast` it starts with (the
+        kernel entry points move the channels of its inputs first), or ``None`` if it does
+        not start with one."""
+        return None
+
     def transform(self, k: KernelState) -> KernelState:
         """This layer's kernel rule, after checking that ``k`` meets :attr:`needs` (a
         ``ValueError`` that says what to change otherwise). Combinators apply their

@@ -43,6 +43,10 @@ class Sequential(Layer):
     def sublayers(self) -> tuple[Layer, ...]:
         return self.layers
 
+    def after_channels_last(self) -> Layer | None:
+        first = self.layers[0].after_channels_last() if self.layers else None
+        return None if first is None else Sequential(first, *self.layers[1:])
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         for layer in self.layers:
             k = layer.transform(k)

@@ -6,7 +6,8 @@ read their inputs channels last; an architecture that starts with ``ChannelsLast
 takes its inputs that way. The kernel does not depend on where the channels were (they
 are summed over when the input covariances are formed), so the kernel entry points move
 the channel axis of the inputs to position 1 and compute the rest of the network as
-usual (:func:`channels_first`); the finite twin moves the axis itself.
+usual (:func:`widenets.engine.channels_first`, with :meth:`Layer.after_channels_last`);
+the finite twin moves the axis itself.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class ChannelsLast(Layer):
             "are laid out); put it first, or move the channel axis inside the model"
         )
 
+    def after_channels_last(self) -> Layer | None:
+        return Sequential()
+
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
@@ -46,35 +50,3 @@ class MoveChannelsFirst(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.ndim <= 2 else x.movedim(-1, 1)
-
-
-def without_channels_last(net: Layer) -> Layer | None:
-    """``net`` without its leading :class:`ChannelsLast` (``None`` if it has none)."""
-    if isinstance(net, ChannelsLast):
-        return Sequential()
-    if isinstance(net, Sequential) and net.layers:
-        first = without_channels_last(net.layers[0])
-        if first is not None:
-            return Sequential(first, *net.layers[1:])
-    return None
-
-
-def reads_channels_last(net: Layer) -> bool:
-    """Whether ``net`` starts with :class:`ChannelsLast`."""
-    return without_channels_last(net) is not None
-
-
-def channels_first(
-    net: Layer, x1: torch.Tensor, x2: torch.Tensor | None
-) -> tuple[Layer, torch.Tensor, torch.Tensor | None]:
-    """``net`` and inputs ``x1``, ``x2`` as the kernel computation takes them: for a
-    network that starts with :class:`ChannelsLast`, the network after it and the inputs
-    with their last axis moved to position 1; otherwise unchanged."""
-    inner = without_channels_last(net)
-    if inner is None:
-        return net, x1, x2
-
-    def moved(x: torch.Tensor) -> torch.Tensor:
-        return x if x.ndim <= 2 else x.movedim(-1, 1)
-
-    return inner, moved(x1), None if x2 is None else moved(x2)
