@@ -72,6 +72,7 @@ from torch import nn
 
 from ..inputs import check_hyperparameter, check_positive_int, scale_value
 from ..kernel import Kernel, batch_diagonal
+from ..paths import fast_paths_enabled
 from ..requirements import Needs, WeightIdentity
 from ..side_inputs import current_mask
 from .base import KernelState, Layer, Shape, single_kernel, single_shape, standard_normal
@@ -409,8 +410,7 @@ class SelfAttention(Layer):
         else:
             out = self._identity_rule(var1, var2, nngp, ntk, mixed, valued, key_mask1,
                                       key_mask2, embedding is None)
-        new_var1, new_var2, new_nngp, new_ntk = (
-            None if m is None else m + b2 for m in out)
+        new_var1, new_var2, new_nngp, new_ntk = (_plus(m, b2) for m in out)
         assert new_var1 is not None and new_nngp is not None
         if var2 is None:
             batch_diagonal(new_nngp).copy_(new_var1)
@@ -616,3 +616,21 @@ class FiniteSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.layer)
+
+
+def _plus(moment: torch.Tensor | None, b2: float | torch.Tensor) -> torch.Tensor | None:
+    """``moment + b2`` (the bias variance), without a temporary of a full tile when the
+    fast paths are on and nothing is differentiated: in place on the rules' fresh
+    results, or for a transposed one written contiguous in the same pass (the copy that
+    :meth:`~widenets.kernel.Layout.from_matrix` would make otherwise)."""
+    if moment is None:
+        return None
+    if isinstance(b2, float) and b2 == 0.0:
+        return moment
+    if fast_paths_enabled() and not moment.requires_grad and not isinstance(
+            b2, torch.Tensor):
+        if moment.is_contiguous():
+            return moment.add_(b2)
+        result = torch.empty(moment.shape, dtype=moment.dtype, device=moment.device)
+        return torch.add(moment, b2, out=result)
+    return moment + b2
