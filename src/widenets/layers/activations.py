@@ -153,13 +153,14 @@ def fast_correlation(
     ``known_rho`` (exactly 1 at equal positions).
     """
     rho = torch.mul(moments, gaussian.inverse_sqrt(q1)).mul_(gaussian.inverse_sqrt(q2))
-    rho.clamp_(-1.0, 1.0)
     if known is not None:
         known(rho).zero_()
     c = moments
     if rho.numel():
         tolerance = gaussian.snap_tolerance(rho.dtype)
         low, high = torch.aminmax(rho)
+        if bool((high > 1.0) | (low < -1.0)):  # (rounding; a pass only when needed)
+            rho.clamp_(-1.0, 1.0)
         if bool((1.0 - high <= tolerance) | (1.0 + low <= tolerance)):
             rho, c = gaussian.snap_to_unit(q1, q2, c, rho)
     if known is not None:
