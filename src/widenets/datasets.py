@@ -1,5 +1,8 @@
 """Data sets, with one preprocessing convention per data set.
 
+MNIST and Fashion-MNIST: :func:`load_idx` reads the four IDX files of either from a
+folder (nothing is downloaded); :func:`unit_mean_square` is the inputs' convention.
+
 Digits: scikit-learn's bundled handwritten digits (1797 images of 8x8 pixels, no
 download). One convention serves every use (the demo, the lazy-training experiment,
 ``widenets kernel --data digits``): pixels divided by 16 (to [0, 1]); each pixel centred
@@ -11,9 +14,12 @@ depend on the quantity of ink. Without a split, all images are the training imag
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from .idx import IDX_FILES, find_idx_files, read_idx
 
 #: Number of digits in scikit-learn's bundled data set.
 N_DIGITS = 1797
@@ -106,3 +112,40 @@ def load_digits(
 def as_images(x: np.ndarray) -> np.ndarray:
     """Digits ``(N, 64)`` as images ``(N, 1, 8, 8)``."""
     return x.reshape(-1, 1, 8, 8)
+
+
+#: Where Debian's ``dataset-fashion-mnist`` package installs the data set.
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def load_idx(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray]:
+    """MNIST or Fashion-MNIST from its four IDX files in ``folder`` (gzip-compressed or
+    not; also in ``folder/raw`` or ``folder/*/raw``, as torchvision downloads them):
+    ``(x_train, y_train, x_test, y_test)``, images ``(N, 28, 28)`` of ``uint8`` pixels
+    and labels ``(N,)`` as ``int64``. ``FileNotFoundError`` names a missing file;
+    ``ValueError`` a file that is not an IDX file, or images and labels that do not
+    match."""
+    files = find_idx_files(folder)
+    arrays = {role: read_idx(path) for role, path in files.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split} images"], arrays[f"{split} labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"{files[f'{split} images']} and {files[f'{split} labels']} must hold images "
+                f"(N, rows, columns) and N labels, got {images.shape} and {labels.shape}")
+    return (arrays["train images"], arrays["train labels"].astype(np.int64),
+            arrays["test images"], arrays["test labels"].astype(np.int64))
+
+
+def unit_mean_square(images: np.ndarray) -> np.ndarray:
+    """Images ``(N, ...)`` flattened to ``(N, pixels)`` in float64, each scaled to a mean
+    square of 1 (so every input has the input kernel ``x . x / d = 1``); an all-zero image
+    stays zero."""
+    x = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    root_mean_square = np.sqrt(np.mean(x * x, axis=1, keepdims=True))
+    return x / np.where(root_mean_square > 0, root_mean_square, 1.0)
+
+
+__all__ = ["IDX_FILES", "DEBIAN_FASHION_MNIST", "DigitsData", "as_images", "load_digits",
+           "load_idx", "one_hot_targets", "preprocess_digits", "unit_mean_square"]
