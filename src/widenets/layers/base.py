@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 from collections.abc import Sequence
 from typing import Union, cast, overload
@@ -306,14 +305,22 @@ class Layer:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-@functools.cache
+#: Constructor parameter names by layer class (:func:`_constructor_arguments`).
+_CONSTRUCTOR_ARGUMENTS: dict[type, tuple[str, ...]] = {}
+
+
 def _constructor_arguments(cls: type) -> tuple[str, ...]:
-    """The names of ``cls``'s constructor parameters after ``self`` (not ``**kwargs``),
-    looked up once per class (``inspect.signature`` costs 40 us, on every kernel call)."""
-    if cls.__init__ is object.__init__:
-        return ()
-    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    return tuple(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD)
+    """The names of ``cls``'s constructor parameters (not ``**kwargs``), looked up once
+    per class (``inspect.signature`` costs 40 us, on every kernel call)."""
+    names = _CONSTRUCTOR_ARGUMENTS.get(cls)
+    if names is None:
+        if not any("__init__" in vars(base) for base in cls.__mro__ if base is not object):
+            names = ()
+        else:
+            names = tuple(p.name for p in inspect.signature(cls).parameters.values()
+                          if p.kind is not inspect.Parameter.VAR_KEYWORD)
+        _CONSTRUCTOR_ARGUMENTS[cls] = names
+    return names
 
 
 def _masked(state: KernelState) -> KernelState:
