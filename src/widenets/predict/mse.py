@@ -10,11 +10,13 @@ per training set.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 
 from ..inputs import as_data_tensor, check_nonnegative
+from .blocked import memory_bytes
 from .common import (
     KernelSource,
     Spectrum,
@@ -31,6 +33,7 @@ from .common import (
     test_inputs,
     training_targets,
 )
+from .stored import StoredTraining, in_memory_bytes, needs_store_message
 
 Tensor = torch.Tensor
 
@@ -44,6 +47,9 @@ def gradient_descent_mse_ensemble(
     *,
     mask_train: object | None = None,
     adjacency_train: object | None = None,
+    store: str | os.PathLike | None = None,
+    memory_limit: int | str | None = None,
+    progress: bool | None = None,
 ) -> Callable[..., tuple[Tensor, Tensor | None]]:
     r"""Mean and covariance, over initialisations, of the infinitely wide network trained
     by gradient flow on ``L = 1/2 sum (f - y)^2`` for a time ``t``.
@@ -71,11 +77,27 @@ def gradient_descent_mse_ensemble(
     Sequences, graphs and positional outputs: ``mask_train``, ``adjacency_train`` and
     ``fn``'s ``mask_test``, ``adjacency_test``, and the shapes of targets and
     predictions, as for :func:`~widenets.predict.gp_inference`.
+
+    Training sets larger than memory: ``store``, ``memory_limit`` and ``progress`` as for
+    :func:`~widenets.predict.gp_inference`; from a store, ``fn`` predicts the mean at
+    ``t = inf`` (``t=None``, ``compute_cov=False``), ``T(x, X) T_r^{-1} y``, by the same
+    exact blocked factorisation.
     """
     kernels = TrainingKernels(net_or_kernels, (mask_train, adjacency_train))
     xt, y_train_rows = training_targets(x_train, y_train)
     lr = check_nonnegative(learning_rate, "learning_rate")
     reg = check_nonnegative(diag_reg, "diag_reg")
+    memory = None if memory_limit is None else memory_bytes(memory_limit)
+    stored = None
+    if store is not None:
+        from .posterior import default_memory
+
+        stored_y, stored_tail = point_targets(y_train_rows, None)
+        stored = StoredTraining(net_or_kernels, xt, stored_y, reg, store,
+                                memory if memory is not None else default_memory(),
+                                (mask_train, adjacency_train), progress)
+    elif memory is not None and in_memory_bytes(xt.shape[0]) > memory:
+        raise ValueError(needs_store_message(xt.shape[0], memory))
     spectra: dict[str, tuple[Spectrum, Tensor, tuple[int, ...]]] = {}
 
     def spectrum(get: str) -> tuple[Spectrum, Tensor, tuple[int, ...]]:
@@ -93,6 +115,14 @@ def gradient_descent_mse_ensemble(
     ) -> tuple[Tensor, Tensor | None]:
         name = check_get(get)
         xs = test_inputs(x_test, xt)
+        if stored is not None:
+            if t is not None or compute_cov:
+                raise ValueError(
+                    "from a store, predictions are the mean at t = inf: pass t=None and "
+                    "compute_cov=False")
+            rows = torch.from_numpy(stored.test_mean(xs, name, (mask_test, adjacency_test)))
+            predict.relative_residuals[name] = stored.residuals[name]  # type: ignore[attr-defined]
+            return per_example(rows, stored_tail).to(xs.dtype), None
         times, scalar_time = as_times(t)
         decomposition, projected_y, tail = spectrum(name)
         names = ("nngp", "ntk") if compute_cov and name == "ntk" else (name,)
@@ -117,6 +147,7 @@ def gradient_descent_mse_ensemble(
             return mean[0], None if cov is None else cov[0]
         return mean, cov
 
+    predict.relative_residuals = {}  # type: ignore[attr-defined]
     return predict
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 
 from ..inputs import check_nonnegative
+from .blocked import memory_bytes
 from .common import (
     KernelSource,
     TrainingKernels,
@@ -18,6 +20,7 @@ from .common import (
     test_inputs,
     training_targets,
 )
+from .stored import StoredTraining, in_memory_bytes, needs_store_message
 
 Tensor = torch.Tensor
 
@@ -30,6 +33,9 @@ def gp_inference(
     *,
     mask_train: object | None = None,
     adjacency_train: object | None = None,
+    store: str | os.PathLike | None = None,
+    memory_limit: int | str | None = None,
+    progress: bool | None = None,
 ) -> Callable[..., tuple[Tensor, Tensor | None]]:
     r"""The exact Gaussian-process posterior of an infinitely wide network.
 
@@ -55,11 +61,32 @@ def gp_inference(
     positions ``P`` predicts every (example, position) point: ``y_train`` is then
     ``(N, *P)`` or ``(N, *P, outputs)``, ``mean`` ``(len(x_test), *P[, outputs])`` and
     ``cov`` ``(len(x_test), *P, len(x_test), *P)``.
+
+    Training sets larger than memory: with ``store`` (a folder) the training kernel is
+    factorised on disk in tiles (a blocked Cholesky factorisation in float64, exact),
+    its solution and the test kernels are kept there, and every stage resumes after an
+    interruption (see :mod:`widenets.predict.stored`); ``memory_limit`` (bytes, or a
+    string such as ``"600MiB"``, ``"20GiB"``; default: half the available memory) bounds
+    the working memory of those stages (the inputs and the Python process come on top).
+    Without ``store``, ``memory_limit`` only checks that the in-memory solve fits.
+    ``progress``: tqdm bars per stage (``None``: for long stages only). The relative
+    residual ``||y - K_r alpha|| / ||y||`` of each solve is in ``fn.relative_residuals``
+    (by kernel name, once computed); a solve whose residual exceeds ``1e-6`` is refused.
     """
     kernels = TrainingKernels(net_or_kernels, (mask_train, adjacency_train))
     xt, y_train_rows = training_targets(x_train, y_train)
     reg = check_nonnegative(diag_reg, "diag_reg")
+    memory = None if memory_limit is None else memory_bytes(memory_limit)
+    stored = None
+    if store is not None:
+        stored_y, stored_tail = point_targets(y_train_rows, None)
+        stored = StoredTraining(net_or_kernels, xt, stored_y, reg, store,
+                                memory if memory is not None else default_memory(),
+                                (mask_train, adjacency_train), progress)
+    elif memory is not None and in_memory_bytes(xt.shape[0]) > memory:
+        raise ValueError(needs_store_message(xt.shape[0], memory))
     factors: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}
+    residuals: dict[str, float] = {}
 
     def factor(get: str) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         if get not in factors:
@@ -67,7 +94,9 @@ def gp_inference(
             yt, tail = point_targets(y_train_rows, kernels.positions)
             k = k + reg * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
             chol = cholesky(k, f"training {get.upper()} kernel")
-            factors[get] = (chol, torch.cholesky_solve(yt.to(k.device), chol), tail)
+            alpha = torch.cholesky_solve(yt.to(k.device), chol)
+            residuals[get] = relative_residual(k, alpha, yt.to(k.device))
+            factors[get] = (chol, alpha, tail)
         return factors[get]
 
     def predict(
@@ -77,6 +106,13 @@ def gp_inference(
         name = check_get(get)
         xs = test_inputs(x_test, xt)
         side = (mask_test, adjacency_test)
+        if stored is not None:
+            mean_rows = torch.from_numpy(stored.test_mean(xs, name, side))
+            residuals[name] = stored.residuals[name]
+            stored_mean = per_example(mean_rows, stored_tail).to(xs.dtype)
+            if compute_cov:
+                return stored_mean, stored.test_covariance(xs, name, side).to(xs.dtype)
+            return stored_mean, None
         chol, alpha, tail = factor(name)
         k_tx = kernels(xs, xt.to(xs.dtype), (name,), side)[name]
         mean = per_example(k_tx @ alpha, tail).to(xs.dtype)
@@ -87,4 +123,18 @@ def gp_inference(
         cov = k_tt - v.T @ v
         return mean, point_covariance(0.5 * (cov + cov.T), kernels.positions).to(xs.dtype)
 
+    predict.relative_residuals = residuals  # type: ignore[attr-defined]
     return predict
+
+
+def relative_residual(k_reg: Tensor, alpha: Tensor, y: Tensor) -> float:
+    """``||y - K_r alpha|| / ||y||`` (Frobenius) of an in-memory solve."""
+    scale = float(torch.linalg.norm(y))
+    return float(torch.linalg.norm(y - k_reg @ alpha)) / scale if scale > 0 else 0.0
+
+
+def default_memory() -> int:
+    """Half the memory available now: the default ``memory_limit`` of a store."""
+    from ..tiles import MEMORY_FRACTION, available_memory
+
+    return int(MEMORY_FRACTION * available_memory())

@@ -1,0 +1,285 @@
+r"""Exact solves with training kernels larger than memory: a blocked Cholesky factorisation
+kept in a store, tile by tile, and resumed after an interruption.
+
+For ``K_r = K(X, X) + diag_reg I`` (``N x N``, float64) and tiles of side ``b``, the
+factor ``L`` (``K_r = L L^T``) is computed block column by block column, left-looking
+(Golub & Van Loan, *Matrix Computations*, 4th ed., algorithm 4.2.3 in blocks)::
+
+    L_jj = chol(K_jj - sum_{k<j} L_jk L_jk^T)
+    L_ij = (K_ij - sum_{k<j} L_ik L_jk^T) L_jj^{-T}          for i > j
+
+Each tile of ``L`` is written once, to a :class:`~widenets.store.TileStore` (its numbers,
+then a marker with their checksum), so a run killed at any point resumes with the tiles
+that are finished and recomputes none of them. The tiles of ``K`` are computed when they
+are needed (each once per factorisation) instead of being stored: a training kernel is
+cheaper to compute than to read back from disk, and the disk holds the factor instead.
+One step holds two row panels of ``L`` (``b x N`` each) and a few tiles: about
+``8 (2 N b + 4 b^2)`` bytes, which :func:`tile_side` fits into the memory limit.
+
+Then ``K_r alpha = y`` by a forward and a backward substitution over the stored tiles,
+and the relative residual ``||y - K_r alpha|| / ||y||`` (Frobenius, float64) from the
+kernel's tiles once more; if it exceeds :data:`REFINE_ABOVE`, iterative refinement
+(``alpha += K_r^{-1} r``) improves it. The substitutions and the solution are kept in the
+store too (``.npy`` files with a JSON record of their checksums).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine import progress_bar
+from ..store import TileStore, checksum
+from ..tiling import Tile
+
+Tensor = torch.Tensor
+
+#: The smallest tile side of the factorisation: below it the per-tile overhead dominates.
+MIN_TILE = 16
+#: The largest tile side (larger tiles gain no speed, and resume in coarser steps).
+MAX_TILE = 4096
+#: Residuals above this are reduced by iterative refinement (at most
+#: :data:`REFINEMENT_STEPS` steps).
+REFINE_ABOVE = 1e-10
+REFINEMENT_STEPS = 3
+#: Bytes per number (the factorisation is in float64).
+ITEMSIZE = 8
+
+#: ``"600MiB"``, ``"20GiB"``, ``"1.5 GB"``: a number and a unit of bytes.
+_MEMORY = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+#: A function giving the tile ``K_r[r0:r1, c0:c1]`` of the regularised training kernel.
+KernelTiles = Callable[[int, int, int, int], np.ndarray]
+
+
+def memory_bytes(value: object, name: str = "memory_limit") -> int:
+    """A memory size in bytes: a positive integer, or a string such as ``"600MiB"``,
+    ``"20GiB"`` or ``"1.5GB"`` (KiB, MiB, GiB, TiB: powers of 1024; KB, MB, GB, TB:
+    of 1000). ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be a number of bytes or a string such as '20GiB', "
+                        f"got {value!r}")
+    if isinstance(value, int):
+        count = value
+    else:
+        match = _MEMORY.match(value)
+        if match is None:
+            raise ValueError(f"{name} must be a number of bytes or a string such as '600MiB' "
+                             f"or '20GiB', got {value!r}")
+        count = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    if count <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return count
+
+
+def step_memory(n: int, side: int) -> int:
+    """Bytes one step of the factorisation holds with tiles of ``side``: two row panels
+    and four tiles (the kernel's, the diagonal factor's, the product, the result)."""
+    side = min(side, n)
+    return ITEMSIZE * (2 * n * side + 4 * side * side)
+
+
+def tile_side(n: int, memory: int) -> int:
+    """The largest tile side (at most :data:`MAX_TILE`, and a multiple of
+    :data:`MIN_TILE`) whose step fits in ``memory`` bytes; ``ValueError`` saying the
+    minimum when even :data:`MIN_TILE` does not."""
+    smallest = min(MIN_TILE, n)
+    if step_memory(n, smallest) > memory:
+        raise ValueError(
+            f"memory_limit of {memory} bytes is too small to factorise a training kernel of "
+            f"{n} examples; the minimum is {step_memory(n, smallest)} bytes "
+            f"({_shown(step_memory(n, smallest))})")
+    # 8 (2 n b + 4 b^2) <= memory: the positive root of 4 b^2 + 2 n b - memory / 8
+    root = (-2 * n + math.sqrt(4 * n * n + 16 * memory / ITEMSIZE)) / 8
+    side = max(smallest, min(MAX_TILE, int(root) // MIN_TILE * MIN_TILE))
+    return min(side, n)
+
+
+def _shown(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def _blocks(n: int, side: int) -> list[tuple[int, int]]:
+    return [(start, min(start + side, n)) for start in range(0, n, side)]
+
+
+class BlockedFactor:
+    """The Cholesky factor of ``K_r`` in a tile store (created or resumed), and the solves
+    with it. ``store`` is open (locked) until :meth:`close`."""
+
+    def __init__(self, store: TileStore, name: str, n: int, side: int) -> None:
+        self.store, self.name, self.n, self.side = store, name, n, side
+        self.blocks = _blocks(n, side)
+
+    def tile(self, i: int, j: int) -> Tile:
+        (r0, r1), (c0, c1) = self.blocks[i], self.blocks[j]
+        return Tile(r0, r1, c0, c1)
+
+    def read(self, i: int, j: int) -> np.ndarray:
+        return self.store.read(self.tile(i, j), (self.name,))[self.name]
+
+    def row_panel(self, i: int, j: int) -> np.ndarray:
+        """``L[block i, blocks 0..j-1]`` as one array."""
+        r0, r1 = self.blocks[i]
+        if j == 0:
+            return np.zeros((r1 - r0, 0))
+        return np.concatenate([self.read(i, k) for k in range(j)], axis=1)
+
+    # ----------------------------------------------------------------- factorisation
+    def factorise(self, kernel_tiles: KernelTiles, progress: bool | None) -> None:
+        """Compute the tiles not yet finished (resuming where a previous run stopped)."""
+        finished = self.store.finished()
+        count = len(self.blocks)
+        todo = [(i, j) for j in range(count) for i in range(j, count)
+                if self.tile(i, j).key not in finished]
+        if not todo:
+            return
+        self.store.prepare_writes([])
+        with progress_bar(len(todo), progress, f"factorising the {self.name.upper()} kernel",
+                          "tile") as bar:
+            for j in range(count):
+                rows = [i for i, column in todo if column == j]
+                if not rows:
+                    continue
+                panel_j = self.row_panel(j, j)
+                c0, c1 = self.blocks[j]
+                diagonal = None
+                for i in rows:
+                    r0, r1 = self.blocks[i]
+                    block = kernel_tiles(r0, r1, c0, c1)
+                    if i == j:
+                        block -= panel_j @ panel_j.T
+                        diagonal = _cholesky_tile(block, r0, self.name)
+                        value = diagonal
+                    else:
+                        if diagonal is None:
+                            diagonal = self.read(j, j)
+                        block -= self.row_panel(i, j) @ panel_j.T
+                        # B L_jj^{-T} = (L_jj^{-1} B^T)^T
+                        value = _solve_lower(diagonal, block.T).T
+                    self.store.write(self.tile(i, j), {self.name: value})
+                    bar.update(1)
+
+    # ----------------------------------------------------------------- solves
+    def forward(self, rhs: np.ndarray) -> np.ndarray:
+        """``L^{-1} rhs`` (rhs ``(N, outputs)``)."""
+        out = np.array(rhs, dtype=np.float64, copy=True)
+        for i, (r0, r1) in enumerate(self.blocks):
+            for k in range(i):
+                k0, k1 = self.blocks[k]
+                out[r0:r1] -= self.read(i, k) @ out[k0:k1]
+            out[r0:r1] = _solve_lower(self.read(i, i), out[r0:r1])
+        return out
+
+    def backward(self, rhs: np.ndarray) -> np.ndarray:
+        """``L^{-T} rhs``."""
+        out = np.array(rhs, dtype=np.float64, copy=True)
+        for i in reversed(range(len(self.blocks))):
+            r0, r1 = self.blocks[i]
+            for k in range(i + 1, len(self.blocks)):
+                k0, k1 = self.blocks[k]
+                out[r0:r1] -= self.read(k, i).T @ out[k0:k1]
+            out[r0:r1] = _solve_lower(self.read(i, i), out[r0:r1], transpose=True)
+        return out
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """``K_r^{-1} rhs``."""
+        return self.backward(self.forward(rhs))
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _solve_lower(lower: np.ndarray, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """``lower^{-1} rhs`` (or ``lower^{-T} rhs``) for a lower-triangular ``lower``."""
+    matrix = torch.from_numpy(np.ascontiguousarray(lower))
+    if transpose:
+        matrix = matrix.T
+    return torch.linalg.solve_triangular(
+        matrix, torch.from_numpy(np.ascontiguousarray(rhs)), upper=transpose).numpy()
+
+
+def _cholesky_tile(block: np.ndarray, start: int, name: str) -> np.ndarray:
+    """The factor of a diagonal tile's Schur complement; refused as the in-memory
+    factorisation refuses a kernel that is not positive definite."""
+    matrix = torch.from_numpy(0.5 * (block + block.T))
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    tiny = matrix.shape[0] * torch.finfo(torch.float64).eps * matrix.diagonal().abs().max()
+    if int(info) != 0 or bool((factor.diagonal() ** 2 <= tiny).any()):
+        raise ValueError(
+            f"the training {name.upper()} kernel is not positive definite (found at the "
+            f"tile of rows {start}:{start + block.shape[0]}: duplicate training points, or "
+            "a kernel of low rank); pass diag_reg > 0, e.g. diag_reg=1e-6 * mean diagonal")
+    return factor.numpy()
+
+
+# --------------------------------------------------------------------- residuals
+def relative_residual(kernel_tiles: KernelTiles, n: int, side: int, alpha: np.ndarray,
+                      rhs: np.ndarray, progress: bool | None, what: str) -> tuple[float,
+                                                                                 np.ndarray]:
+    """``||rhs - K_r alpha|| / ||rhs||`` and the residual ``rhs - K_r alpha``, with the
+    kernel's tiles computed again (each tile on or below the diagonal once)."""
+    residual = np.array(rhs, dtype=np.float64, copy=True)
+    blocks = _blocks(n, side)
+    pairs = [(i, j) for j in range(len(blocks)) for i in range(j, len(blocks))]
+    with progress_bar(len(pairs), progress, f"residual of the {what} solve", "tile") as bar:
+        for i, j in pairs:
+            (r0, r1), (c0, c1) = blocks[i], blocks[j]
+            block = kernel_tiles(r0, r1, c0, c1)
+            residual[r0:r1] -= block @ alpha[c0:c1]
+            if i != j:
+                residual[c0:c1] -= block.T @ alpha[r0:r1]
+            bar.update(1)
+    scale = float(np.linalg.norm(rhs))
+    return (float(np.linalg.norm(residual)) / scale if scale > 0 else 0.0), residual
+
+
+# --------------------------------------------------------------------- stored vectors
+def save_vector(folder: Path, stem: str, value: np.ndarray, identity: dict,
+                info: dict | None = None) -> None:
+    """``value`` as ``stem.npy`` with ``stem.json`` (its identity, checksum and ``info``),
+    each written to a temporary file and renamed (a run killed meanwhile leaves none)."""
+    temporary = folder / f".{stem}.{os.getpid()}.npy"
+    np.save(temporary, value)
+    os.replace(temporary, folder / f"{stem}.npy")
+    record = {"identity": identity, "sha256": checksum(value), "info": info or {}}
+    temporary_record = folder / f".{stem}.{os.getpid()}.json"
+    temporary_record.write_text(json.dumps(record) + "\n")
+    os.replace(temporary_record, folder / f"{stem}.json")
+
+
+def load_vector(folder: Path, stem: str, identity: dict) -> tuple[np.ndarray, dict] | None:
+    """A vector saved by :func:`save_vector` with this identity and intact, and its
+    ``info``; else ``None`` (it is then computed again)."""
+    try:
+        record = json.loads((folder / f"{stem}.json").read_text())
+        value = np.load(folder / f"{stem}.npy")
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(record, dict) or record.get("identity") != identity
+            or record.get("sha256") != checksum(value)):
+        return None
+    return value, record.get("info", {})
+
+
+def digest(*arrays: np.ndarray) -> str:
+    """SHA-256 of arrays' shapes and numbers (float64)."""
+    hasher = hashlib.sha256()
+    for array in arrays:
+        value = np.ascontiguousarray(array, dtype=np.float64)
+        hasher.update(str(value.shape).encode())
+        hasher.update(checksum(value).encode())
+    return hasher.hexdigest()
