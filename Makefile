@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PEER_VENV := .venv-peer
 PEER_STAMP := $(PEER_VENV)/.installed
 
-.PHONY: demo test lint docs bench bench-peer gpu-check clean
+.PHONY: demo test lint docs bench bench-peer bench-fashion gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,13 @@ $(PEER_STAMP):
 
 bench-peer: $(STAMP) $(PEER_STAMP)
 	$(VPY) benchmarks/bench_peer.py --peer-python $(PEER_VENV)/bin/python
+
+# Full Fashion-MNIST, kernel to predictions, on disk (not part of make test; about an
+# hour on 2 cores, 40 GB of disk under runs/); Debian's package holds the data set.
+FASHION_MNIST = /usr/share/datasets/fashion-mnist
+bench-fashion: $(STAMP)
+	test -d $(FASHION_MNIST) || (apt-get update && apt-get install -y dataset-fashion-mnist)
+	$(VPY) benchmarks/bench_fashion.py --folder $(FASHION_MNIST) --store runs/fashion-mnist
 
 clean:
 	rm -rf $(VENV) $(PEER_VENV) demo-output docs/_build

@@ -3,11 +3,12 @@
 Starts two workers (``serve.py``): widenets in this environment and Neural Tangents
 0.6.5 in the peer's (``--peer-python``, made by ``make bench-peer``). For each workload
 both make their first call (JAX compiles then), then they alternate single calls,
-``--repeats`` each and more for fast workloads (until each side has run ``--seconds``), so
-that drift on a noisy machine hits both alike; the steady time is the best of these (on
-this 2-core machine the best of 5 calls of 0.04 s still moves by 20 % between runs). Prints both times, the ratio widenets / peer, both first calls, and
-the largest difference between the two libraries' kernels relative to the largest
-entry. ``--check`` exits with status 1 unless every ratio is at most 0.5.
+``--repeats`` each and more for fast workloads (until each side has run ``--seconds``),
+so that drift on a noisy machine hits both alike; the steady time is the best of these
+(on this 2-core machine the best of 5 calls of 0.04 s still moves by 20 % between runs).
+Prints both times, the ratio widenets / peer, both first calls, and the largest
+difference between the two libraries' kernels relative to the largest entry.
+``--check`` exits with status 1 unless every ratio is at most 0.5.
 
     python benchmarks/bench_peer.py --peer-python .venv-peer/bin/python [--repeats 5]
         [--seconds 1]

@@ -48,7 +48,7 @@ MIN_TILE = 16
 MAX_TILE = 4096
 #: Residuals above this are reduced by iterative refinement (at most
 #: :data:`REFINEMENT_STEPS` steps).
-REFINE_ABOVE = 1e-10
+REFINE_ABOVE = 1e-9
 REFINEMENT_STEPS = 3
 #: Bytes per number (the factorisation is in float64).
 ITEMSIZE = 8

@@ -124,6 +124,8 @@ def gp_inference(
         return mean, point_covariance(0.5 * (cov + cov.T), kernels.positions).to(xs.dtype)
 
     predict.relative_residuals = residuals  # type: ignore[attr-defined]
+    # wall-clock seconds of the stages run from a store ("factor nngp", "solve nngp", ...)
+    predict.stage_seconds = {} if stored is None else stored.stage_seconds  # type: ignore[attr-defined]
     return predict
 
 

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,8 @@ class StoredTraining:
         self.n = x_train.shape[0]
         self.residuals: dict[str, float] = {}
         self.sides: dict[str, int] = {}  # the factors' tile sides
+        #: Wall-clock seconds of each stage run by this object, e.g. ``"factor nngp"``.
+        self.stage_seconds: dict[str, float] = {}
         self._alphas: dict[str, np.ndarray] = {}
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -117,8 +122,9 @@ class StoredTraining:
                 alpha, info = found
                 residual = float(info["relative_residual"])
             else:
-                factor.factorise(tiles, self.progress)
-                factor.store.mark_complete()
+                with self._stage(f"factor {name}"):
+                    factor.factorise(tiles, self.progress)
+                    factor.store.mark_complete()
                 alpha, residual = self._solve(factor, tiles, name)
                 save_vector(path, stem, alpha, solution_identity,
                             {"relative_residual": residual})
@@ -139,22 +145,24 @@ class StoredTraining:
                 f"({self.memory}); resume it with a larger memory_limit, or use a new store")
         identity = self._identity(name, side, side, "cholesky factor of K + diag_reg I")
         store = TileStore(path, identity, self.n, self.n, side, side, (name,),
-                          np.dtype(np.float64))
+                          np.dtype(np.float64), compressed=False)
         return BlockedFactor(store, name, self.n, side), identity
 
     def _solve(self, factor: BlockedFactor, tiles, name: str) -> tuple[np.ndarray, float]:
-        with progress_bar(2, self.progress, f"solving with the {name.upper()} factor",
-                          "pass") as bar:
+        with self._stage(f"solve {name}"), progress_bar(
+                2, self.progress, f"solving with the {name.upper()} factor", "pass") as bar:
             alpha = factor.solve(self.y)
             bar.update(2)
-        residual, r = relative_residual(tiles, self.n, factor.side, alpha, self.y,
-                                        self.progress, name.upper())
+        with self._stage(f"residual {name}"):
+            residual, r = relative_residual(tiles, self.n, factor.side, alpha, self.y,
+                                            self.progress, name.upper())
         for _ in range(REFINEMENT_STEPS):
             if residual <= REFINE_ABOVE:
                 break
-            alpha = alpha + factor.solve(r)
-            residual, r = relative_residual(tiles, self.n, factor.side, alpha, self.y,
-                                            self.progress, name.upper())
+            with self._stage(f"refinement {name}"):
+                alpha = alpha + factor.solve(r)
+                residual, r = relative_residual(tiles, self.n, factor.side, alpha, self.y,
+                                                self.progress, name.upper())
         if residual > MAX_RESIDUAL:
             raise ValueError(
                 f"the {name.upper()} solve reached a relative residual of {residual:.1e} "
@@ -186,14 +194,14 @@ class StoredTraining:
         tiles = [Tile(r0, min(r0 + rows, m), c0, min(c0 + cols, self.n))
                  for r0 in range(0, m, rows) for c0 in range(0, self.n, cols)]
         store = TileStore(path, identity, m, self.n, rows, cols, (name,),
-                          np.dtype(np.float64))
+                          np.dtype(np.float64), compressed=False)
         try:
             finished = store.finished()
             todo = [t for t in tiles if t.key not in finished]
             if todo:
                 store.prepare_writes([])
             mean = np.zeros((m, alpha.shape[1]))
-            with progress_bar(len(tiles), self.progress,
+            with self._stage(f"test kernel {name}"), progress_bar(len(tiles), self.progress,
                               f"test {name.upper()} kernel", "tile") as bar:
                 for tile in tiles:
                     if tile.key in finished:
@@ -207,6 +215,16 @@ class StoredTraining:
         finally:
             store.close()
         return mean
+
+    @contextmanager
+    def _stage(self, stage: str) -> Iterator[None]:
+        """Add the wall-clock time of the block to :attr:`stage_seconds`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = (self.stage_seconds.get(stage, 0.0)
+                                         + time.perf_counter() - start)
 
     def _test_path(self, name: str, x: Tensor) -> Path:
         return self.root / f"test-{name}-{inputs_digest(x, None)[:16]}"
