@@ -281,6 +281,20 @@ class TileStore:
         store._open_arrays()
         return store
 
+    @classmethod
+    def open_for_reading(cls, path: str | os.PathLike) -> TileStore:
+        """A store opened to read its finished tiles, complete or not, without its lock
+        (for the workers of a computation whose one writer holds it)."""
+        store = cls.__new__(cls)
+        store.path = Path(path)
+        store.done = store.path / DONE
+        store.read_only, store.read_only_reason, store._lock = True, "opened for reading", None
+        store.identity, store.complete = read_identity(store.path)
+        store.names = tuple(store.identity["get"])
+        store.dtype = np.dtype(store.identity["dtype"])
+        store._open_arrays()
+        return store
+
     # ----------------------------------------------------------------- opening
     def _refuse_foreign(self) -> None:
         if self.path.exists() and not self.path.is_dir():

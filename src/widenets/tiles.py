@@ -136,11 +136,12 @@ def compute_tile(
         None if value is None else value[span]
         for value, span in zip(side, (tile.rows, tile.cols, tile.rows, tile.cols)))
     if x2 is None and tile.is_diagonal:
-        kernels = net.kernel(rows, None, get=names, mask1=mask1, adjacency1=adjacency1)
+        kernels = net.kernel(rows, None, get=names, mask1=mask1, adjacency1=adjacency1,
+                             progress=False)  # (the callers' bars count the tiles)
     else:
         cols = (x1 if x2 is None else x2)[tile.c0 : tile.c1].clone()
         kernels = net.kernel(rows, cols, get=names, mask1=mask1, mask2=mask2,
-                             adjacency1=adjacency1, adjacency2=adjacency2)
+                             adjacency1=adjacency1, adjacency2=adjacency2, progress=False)
     values = {name: cast(torch.Tensor, kernels[name]).detach().cpu().numpy()  # all asked for
               for name in names}
     if any(value.ndim != 2 for value in values.values()):
@@ -202,7 +203,7 @@ def _identity(net: Layer, names, x1, x2, n1, n2, rows, cols, symmetric, dtype,
     return identity
 
 
-def _results(net, x1, x2, todo: list[Tile], names, client,
+def tile_results(net, x1, x2, todo: list[Tile], names, client,
              side: SideInputs = (None, None, None, None)) -> Iterator[tuple[Tile, dict]]:
     """``(tile, values)`` for each tile to compute, here or on a Dask cluster."""
     if client is None:
@@ -403,7 +404,7 @@ def compute_kernel(
                    desc="kernel tiles", unit="tile")
         start, entries = time.perf_counter(), 0
         try:
-            for t, values in _results(job.net, job.x1, job.x2, todo, names, client, job.side):
+            for t, values in tile_results(job.net, job.x1, job.x2, todo, names, client, job.side):
                 if tile_store is not None:
                     tile_store.write(t, values)
                 place_tile(out, t, values, symmetric)

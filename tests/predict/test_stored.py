@@ -242,3 +242,26 @@ def test_blocked_factor_matches_torch_cholesky(tmp_path):
             got[tile.rows, tile.cols] = factor.read(i, j)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
     assert os.path.isdir(tmp_path / "factor-ntk" / "done")
+
+
+def test_a_local_cluster_gives_the_single_process_answer(tmp_path):
+    """Every stage's tiles on two worker processes (the factor's block columns in
+    parallel, the residual, the test kernel): the same numbers to rounding (the workers'
+    BLAS may sum in another order)."""
+    from tests.test_tiles import patient_local_cluster
+
+    x, y, xs = data()
+    expected = gp_inference(net(), x, y, diag_reg=1e-4, store=tmp_path / "here",
+                            memory_limit=MEMORY)
+    with patient_local_cluster(2, processes=True) as (_, client):
+        distributed = gp_inference(net(), x, y, diag_reg=1e-4, store=tmp_path / "there",
+                                   memory_limit=MEMORY, client=client)
+        for get in ("nngp", "ntk"):
+            got = distributed(xs, get=get, compute_cov=False)[0]
+            want = expected(xs, get=get, compute_cov=False)[0]
+            assert relative(got, want) < 1e-12
+            assert distributed.relative_residuals[get] <= 1e-10
+    for get in ("nngp", "ntk"):
+        assert len(list((tmp_path / "there" / f"factor-{get}" / "done").iterdir())) == TILES
+    with pytest.raises(ValueError, match="pass store= too"):
+        gp_inference(net(), x, y, client=object())

@@ -11,6 +11,9 @@ Subcommands (one function each, registered in :data:`COMMANDS`):
 * ``widenets kernel``: a large NNGP / NTK matrix computed in tiles into a resumable Zarr
   store (see :func:`widenets.kernel_matrix`), optionally on a Dask cluster
   (``--scheduler``); Ctrl-C keeps the finished tiles and the same command resumes.
+* ``widenets predict``: test predictions on a data set (Fashion-MNIST, MNIST-style IDX
+  files, .npy files, digits), the training kernel factorised on disk with ``--store``
+  (:mod:`widenets.apps.predict_command`).
 
 To add a subcommand, write ``add_<name>_parser(subparsers)`` that creates its parser and
 sets ``handler`` (a function of the parsed arguments returning an exit status) with
@@ -20,7 +23,6 @@ sets ``handler`` (a function of the parsed arguments returning an exit status) w
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,53 +30,16 @@ from pathlib import Path
 import numpy as np
 
 from ..version import __version__
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+from .arguments import (
+    KERNEL_ARCHITECTURES,
+    kernel_architecture,
+    kernel_names,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+from .predict_command import add_predict_parser
 
 
 def width_list(text: str) -> list[int]:
@@ -266,21 +231,9 @@ def run_lazy_command(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- kernel
-#: Architectures of ``widenets kernel``.
-KERNEL_ARCHITECTURES = ("fc", "cnn-gap", "cnn-flatten")
-
-
 def tile_side(text: str) -> int | str:
     """An argparse type: ``auto`` or a positive integer."""
     return "auto" if text.strip().lower() == "auto" else positive_int(text)
-
-
-def kernel_names(text: str) -> tuple[str, ...]:
-    """An argparse type: ``nngp``, ``ntk`` or both separated by a comma."""
-    names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
-    if not names or any(n not in ("nngp", "ntk") for n in names) or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"expected nngp, ntk or nngp,ntk, got {text!r}")
-    return names
 
 
 def add_kernel_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -333,17 +286,6 @@ def add_kernel_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=run_kernel_command, parser=parser)
     return parser
-
-
-def kernel_architecture(arch: str, depth: int, W_std: float, b_std: float, activation: str):
-    """The architecture of ``widenets kernel``: ``depth`` x [Linear or 3x3 Conv2d,
-    activation], then (CNNs) GlobalAvgPool or Flatten, then a linear read-out
-    (:func:`widenets.architectures.mlp` and :func:`~widenets.architectures.cnn`)."""
-    from ..architectures import cnn, mlp
-
-    if arch == "fc":
-        return mlp(depth, activation, 1, W_std, b_std)
-    return cnn(depth, activation, 1, arch.removeprefix("cnn-"), W_std, b_std)
 
 
 def digits_inputs() -> np.ndarray:
@@ -497,6 +439,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] 
     add_demo_parser,
     add_lazy_parser,
     add_kernel_parser,
+    add_predict_parser,
 ]
 
 

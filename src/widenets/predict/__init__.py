@@ -10,18 +10,19 @@ factorisations are computed once per training set.
 
 Modules: ``posterior`` (the GP posterior), ``mse`` (MSE training in closed
 form), ``ode`` (any loss, momentum: ODEs in function space), ``evidence`` (the
-marginal likelihood, to fit hyperparameters) and ``common`` (the
-pieces they share).
+marginal likelihood, to fit hyperparameters), ``common`` (the
+pieces they share), and for training sets larger than memory ``stored`` (the stages kept
+in a store) and ``blocked`` (the blocked Cholesky factorisation on disk).
 """
 
-from .common import KernelSource
+from .common import KernelSource, Predictor
 from .evidence import marginal_log_likelihood
 from .mse import gradient_descent_mse, gradient_descent_mse_ensemble
 from .ode import LOSS_NAMES, gradient_descent, gradient_descent_momentum
 from .posterior import gp_inference
 
 __all__ = [
-    "KernelSource", "LOSS_NAMES", "gp_inference", "gradient_descent",
+    "KernelSource", "LOSS_NAMES", "Predictor", "gp_inference", "gradient_descent",
     "gradient_descent_momentum", "gradient_descent_mse", "gradient_descent_mse_ensemble",
     "marginal_log_likelihood",
 ]

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..engine import progress_bar
+from ..optional import require
 from ..store import TileStore, checksum
 from ..tiling import Tile
 
@@ -131,16 +132,13 @@ class BlockedFactor:
     def read(self, i: int, j: int) -> np.ndarray:
         return self.store.read(self.tile(i, j), (self.name,))[self.name]
 
-    def row_panel(self, i: int, j: int) -> np.ndarray:
-        """``L[block i, blocks 0..j-1]`` as one array."""
-        r0, r1 = self.blocks[i]
-        if j == 0:
-            return np.zeros((r1 - r0, 0))
-        return np.concatenate([self.read(i, k) for k in range(j)], axis=1)
-
     # ----------------------------------------------------------------- factorisation
-    def factorise(self, kernel_tiles: KernelTiles, progress: bool | None) -> None:
-        """Compute the tiles not yet finished (resuming where a previous run stopped)."""
+    def factorise(self, kernel: KernelTiles, progress: bool | None,
+                  client: object | None = None) -> None:
+        """Compute the tiles not yet finished (resuming where a previous run stopped):
+        here, or on the workers of a Dask ``client`` (each tile of a block column is a
+        task that reads the finished tiles it needs from the store; this process writes
+        them)."""
         finished = self.store.finished()
         count = len(self.blocks)
         todo = [(i, j) for j in range(count) for i in range(j, count)
@@ -148,29 +146,24 @@ class BlockedFactor:
         if not todo:
             return
         self.store.prepare_writes([])
-        with progress_bar(len(todo), progress, f"factorising the {self.name.upper()} kernel",
+        run = _local_tasks if client is None else _dask_tasks(client, kernel)
+        path, name, blocks = str(self.store.path), self.name, self.blocks
+        with progress_bar(len(todo), progress, f"factorising the {name.upper()} kernel",
                           "tile") as bar:
             for j in range(count):
                 rows = [i for i, column in todo if column == j]
                 if not rows:
                     continue
-                panel_j = self.row_panel(j, j)
-                c0, c1 = self.blocks[j]
-                diagonal = None
-                for i in rows:
-                    r0, r1 = self.blocks[i]
-                    block = kernel_tiles(r0, r1, c0, c1)
-                    if i == j:
-                        block -= panel_j @ panel_j.T
-                        diagonal = _cholesky_tile(block, r0, self.name)
-                        value = diagonal
-                    else:
-                        if diagonal is None:
-                            diagonal = self.read(j, j)
-                        block -= self.row_panel(i, j) @ panel_j.T
-                        # B L_jj^{-T} = (L_jj^{-1} B^T)^T
-                        value = _solve_lower(diagonal, block.T).T
-                    self.store.write(self.tile(i, j), {self.name: value})
+                if rows[0] == j:  # the diagonal tile first: the others divide by it
+                    ((_, diagonal),) = run(kernel, [(path, name, blocks, j, j, None)])
+                    self.store.write(self.tile(j, j), {name: diagonal})
+                    bar.update(1)
+                    rows = rows[1:]
+                else:
+                    diagonal = self.read(j, j)
+                arguments = [(path, name, blocks, i, j, diagonal) for i in rows]
+                for (_, _, _, i, _, _), value in run(kernel, arguments):
+                    self.store.write(self.tile(i, j), {name: value})
                     bar.update(1)
 
     # ----------------------------------------------------------------- solves
@@ -203,6 +196,58 @@ class BlockedFactor:
         self.store.close()
 
 
+#: One tile of the factor to compute: the store's path, the kernel's name, the blocks,
+#: the tile's block row and column, and the factor of its column's diagonal tile (``None``
+#: for the diagonal tile itself).
+FactorTask = tuple[str, str, list[tuple[int, int]], int, int, "np.ndarray | None"]
+
+
+def factor_tile(kernel: KernelTiles, path: str, name: str, blocks: list[tuple[int, int]],
+                i: int, j: int, diagonal: np.ndarray | None) -> np.ndarray:
+    """The tile ``(i, j)`` of the factor (the module docstring's formulas), reading the
+    finished tiles of block rows ``i`` and ``j`` left of column ``j`` from the store at
+    ``path``. A task: the same here and on a Dask worker."""
+    store = TileStore.open_for_reading(path)
+
+    def row_panel(row: int) -> np.ndarray:
+        (r0, r1) = blocks[row]
+        if j == 0:
+            return np.zeros((r1 - r0, 0))
+        return np.concatenate([
+            store.read(Tile(r0, r1, *blocks[k]), (name,))[name] for k in range(j)], axis=1)
+
+    (r0, r1), (c0, c1) = blocks[i], blocks[j]
+    block = kernel(r0, r1, c0, c1)
+    panel_j = row_panel(j)
+    if i == j:
+        block -= panel_j @ panel_j.T
+        return _cholesky_tile(block, r0, name)
+    assert diagonal is not None
+    block -= row_panel(i) @ panel_j.T
+    return _solve_lower(diagonal, block.T).T  # B L_jj^{-T} = (L_jj^{-1} B^T)^T
+
+
+def _local_tasks(kernel: KernelTiles, tasks: list[FactorTask]
+                 ) -> list[tuple[FactorTask, np.ndarray]]:
+    return [(task, factor_tile(kernel, *task)) for task in tasks]
+
+
+def _dask_tasks(client: object, kernel: KernelTiles):
+    """A runner of factor tasks on ``client``'s workers (the kernel function scattered
+    once), yielding ``(task, tile)`` as they finish."""
+    as_completed = require("distributed", "dask", "predictions with client=").as_completed
+    shared = client.scatter(kernel, hash=False)  # type: ignore[attr-defined]
+
+    def run(_: KernelTiles, tasks: list[FactorTask]):
+        futures = {client.submit(factor_tile, shared, *task,  # type: ignore[attr-defined]
+                                 pure=False): task for task in tasks}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+            future.release()
+
+    return run
+
+
 def _solve_lower(lower: np.ndarray, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
     """``lower^{-1} rhs`` (or ``lower^{-T} rhs``) for a lower-triangular ``lower``."""
     matrix = torch.from_numpy(np.ascontiguousarray(lower))
@@ -227,24 +272,46 @@ def _cholesky_tile(block: np.ndarray, start: int, name: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------- residuals
-def relative_residual(kernel_tiles: KernelTiles, n: int, side: int, alpha: np.ndarray,
-                      rhs: np.ndarray, progress: bool | None, what: str) -> tuple[float,
-                                                                                 np.ndarray]:
+def relative_residual(kernel: KernelTiles, n: int, side: int, alpha: np.ndarray,
+                      rhs: np.ndarray, progress: bool | None, what: str,
+                      client: object | None = None) -> tuple[float, np.ndarray]:
     """``||rhs - K_r alpha|| / ||rhs||`` and the residual ``rhs - K_r alpha``, with the
-    kernel's tiles computed again (each tile on or below the diagonal once)."""
+    kernel's tiles computed again (each tile on or below the diagonal once), here or on
+    the workers of a Dask ``client``."""
     residual = np.array(rhs, dtype=np.float64, copy=True)
     blocks = _blocks(n, side)
-    pairs = [(i, j) for j in range(len(blocks)) for i in range(j, len(blocks))]
-    with progress_bar(len(pairs), progress, f"residual of the {what} solve", "tile") as bar:
-        for i, j in pairs:
-            (r0, r1), (c0, c1) = blocks[i], blocks[j]
-            block = kernel_tiles(r0, r1, c0, c1)
-            residual[r0:r1] -= block @ alpha[c0:c1]
-            if i != j:
-                residual[c0:c1] -= block.T @ alpha[r0:r1]
+    tasks = [(*blocks[i], *blocks[j]) for j in range(len(blocks)) for i in range(j, len(blocks))]
+    if client is None:
+        results = ((task, residual_terms(kernel, *task, alpha)) for task in tasks)
+    else:
+        results = _dask_residuals(client, kernel, tasks, alpha)
+    with progress_bar(len(tasks), progress, f"residual of the {what} solve", "tile") as bar:
+        for (r0, r1, c0, c1), (rows, cols) in results:
+            residual[r0:r1] -= rows
+            if cols is not None:
+                residual[c0:c1] -= cols
             bar.update(1)
     scale = float(np.linalg.norm(rhs))
     return (float(np.linalg.norm(residual)) / scale if scale > 0 else 0.0), residual
+
+
+def residual_terms(kernel: KernelTiles, r0: int, r1: int, c0: int, c1: int,
+                   alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The products of one tile of ``K_r`` (on or below the diagonal) with ``alpha``:
+    ``K[r, c] alpha[c]`` and, off the diagonal, ``K[r, c]^T alpha[r]`` (a task)."""
+    block = kernel(r0, r1, c0, c1)
+    return block @ alpha[c0:c1], None if r0 == c0 else block.T @ alpha[r0:r1]
+
+
+def _dask_residuals(client: object, kernel: KernelTiles, tasks: list, alpha: np.ndarray):
+    as_completed = require("distributed", "dask", "predictions with client=").as_completed
+    shared = client.scatter(kernel, hash=False)  # type: ignore[attr-defined]
+    shared_alpha = client.scatter(alpha, hash=False)  # type: ignore[attr-defined]
+    futures = {client.submit(residual_terms, shared, *task,  # type: ignore[attr-defined]
+                             shared_alpha, pure=False): task for task in tasks}
+    for future in as_completed(futures):
+        yield futures[future], future.result()
+        future.release()
 
 
 # --------------------------------------------------------------------- stored vectors

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -65,6 +65,19 @@ def cholesky(matrix: Tensor, what: str) -> Tensor:
             "kernel of low rank); pass diag_reg > 0, e.g. diag_reg=1e-6 * mean diagonal"
         )
     return factor
+
+
+class Predictor(Protocol):
+    """What :func:`~widenets.predict.gp_inference` and
+    :func:`~widenets.predict.gradient_descent_mse_ensemble` return: ``fn(x_test, ...) ->
+    (mean, cov)``, with the relative residual of each solve by kernel name (once
+    computed) and, from a store, the wall-clock seconds of each stage."""
+
+    relative_residuals: dict[str, float]
+    stage_seconds: dict[str, float]
+
+    def __call__(self, x_test: object, *args: Any, **kwargs: Any
+                 ) -> tuple[Tensor, Tensor | None]: ...
 
 
 #: What predictions accept as their kernels: an architecture, or a function

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -19,6 +20,7 @@ from ..inputs import as_data_tensor, check_nonnegative
 from .blocked import memory_bytes
 from .common import (
     KernelSource,
+    Predictor,
     Spectrum,
     TrainingKernels,
     as_initial,
@@ -50,7 +52,8 @@ def gradient_descent_mse_ensemble(
     store: str | os.PathLike | None = None,
     memory_limit: int | str | None = None,
     progress: bool | None = None,
-) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    client: object | None = None,
+) -> Predictor:
     r"""Mean and covariance, over initialisations, of the infinitely wide network trained
     by gradient flow on ``L = 1/2 sum (f - y)^2`` for a time ``t``.
 
@@ -78,7 +81,8 @@ def gradient_descent_mse_ensemble(
     ``fn``'s ``mask_test``, ``adjacency_test``, and the shapes of targets and
     predictions, as for :func:`~widenets.predict.gp_inference`.
 
-    Training sets larger than memory: ``store``, ``memory_limit`` and ``progress`` as for
+    Training sets larger than memory: ``store``, ``memory_limit``, ``progress`` and
+    ``client`` as for
     :func:`~widenets.predict.gp_inference`; from a store, ``fn`` predicts the mean at
     ``t = inf`` (``t=None``, ``compute_cov=False``), ``T(x, X) T_r^{-1} y``, by the same
     exact blocked factorisation.
@@ -95,10 +99,13 @@ def gradient_descent_mse_ensemble(
         stored_y, stored_tail = point_targets(y_train_rows, None)
         stored = StoredTraining(net_or_kernels, xt, stored_y, reg, store,
                                 memory if memory is not None else default_memory(),
-                                (mask_train, adjacency_train), progress)
+                                (mask_train, adjacency_train), progress, client)
+    elif client is not None:
+        raise ValueError("client= computes the stages of a store: pass store= too")
     elif memory is not None and in_memory_bytes(xt.shape[0]) > memory:
         raise ValueError(needs_store_message(xt.shape[0], memory))
     spectra: dict[str, tuple[Spectrum, Tensor, tuple[int, ...]]] = {}
+    residuals: dict[str, float] = {}
 
     def spectrum(get: str) -> tuple[Spectrum, Tensor, tuple[int, ...]]:
         if get not in spectra:
@@ -121,7 +128,7 @@ def gradient_descent_mse_ensemble(
                     "from a store, predictions are the mean at t = inf: pass t=None and "
                     "compute_cov=False")
             rows = torch.from_numpy(stored.test_mean(xs, name, (mask_test, adjacency_test)))
-            predict.relative_residuals[name] = stored.residuals[name]  # type: ignore[attr-defined]
+            residuals[name] = stored.residuals[name]
             return per_example(rows, stored_tail).to(xs.dtype), None
         times, scalar_time = as_times(t)
         decomposition, projected_y, tail = spectrum(name)
@@ -147,8 +154,10 @@ def gradient_descent_mse_ensemble(
             return mean[0], None if cov is None else cov[0]
         return mean, cov
 
-    predict.relative_residuals = {}  # type: ignore[attr-defined]
-    return predict
+    predictor = cast(Predictor, predict)
+    predictor.relative_residuals = residuals
+    predictor.stage_seconds = {} if stored is None else stored.stage_seconds
+    return predictor
 
 
 def gradient_descent_mse(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -11,6 +11,7 @@ from ..inputs import check_nonnegative
 from .blocked import memory_bytes
 from .common import (
     KernelSource,
+    Predictor,
     TrainingKernels,
     check_get,
     cholesky,
@@ -36,7 +37,8 @@ def gp_inference(
     store: str | os.PathLike | None = None,
     memory_limit: int | str | None = None,
     progress: bool | None = None,
-) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    client: object | None = None,
+) -> Predictor:
     r"""The exact Gaussian-process posterior of an infinitely wide network.
 
     ``net_or_kernels``: an architecture (its ``kernel``), or any function
@@ -69,7 +71,10 @@ def gp_inference(
     string such as ``"600MiB"``, ``"20GiB"``; default: half the available memory) bounds
     the working memory of those stages (the inputs and the Python process come on top).
     Without ``store``, ``memory_limit`` only checks that the in-memory solve fits.
-    ``progress``: tqdm bars per stage (``None``: for long stages only). The relative
+    ``progress``: tqdm bars per stage (``None``: for long stages only). ``client``: a
+    Dask ``distributed.Client`` whose workers compute the tiles of every stage (the
+    factor's tiles of a block column in parallel; the workers read the store, so it must
+    be on a file system they share), with the same results. The relative
     residual ``||y - K_r alpha|| / ||y||`` of each solve is in ``fn.relative_residuals``
     (by kernel name, once computed); a solve whose residual exceeds ``1e-6`` is refused.
     """
@@ -82,7 +87,9 @@ def gp_inference(
         stored_y, stored_tail = point_targets(y_train_rows, None)
         stored = StoredTraining(net_or_kernels, xt, stored_y, reg, store,
                                 memory if memory is not None else default_memory(),
-                                (mask_train, adjacency_train), progress)
+                                (mask_train, adjacency_train), progress, client)
+    elif client is not None:
+        raise ValueError("client= computes the stages of a store: pass store= too")
     elif memory is not None and in_memory_bytes(xt.shape[0]) > memory:
         raise ValueError(needs_store_message(xt.shape[0], memory))
     factors: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}
@@ -123,10 +130,11 @@ def gp_inference(
         cov = k_tt - v.T @ v
         return mean, point_covariance(0.5 * (cov + cov.T), kernels.positions).to(xs.dtype)
 
-    predict.relative_residuals = residuals  # type: ignore[attr-defined]
+    predictor = cast(Predictor, predict)
+    predictor.relative_residuals = residuals
     # wall-clock seconds of the stages run from a store ("factor nngp", "solve nngp", ...)
-    predict.stage_seconds = {} if stored is None else stored.stage_seconds  # type: ignore[attr-defined]
-    return predict
+    predictor.stage_seconds = {} if stored is None else stored.stage_seconds
+    return predictor
 
 
 def relative_residual(k_reg: Tensor, alpha: Tensor, y: Tensor) -> float:

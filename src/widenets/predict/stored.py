@@ -33,7 +33,13 @@ from ..engine import checked_side_inputs, progress_bar
 from ..layers.base import Layer
 from ..optional import require
 from ..store import TileStore, stored_tile_sizes
-from ..tiles import architecture_identity, compute_tile, inputs_digest, side_inputs_digest
+from ..tiles import (
+    architecture_identity,
+    compute_tile,
+    inputs_digest,
+    side_inputs_digest,
+    tile_results,
+)
 from ..tiling import Tile
 from ..version import __version__
 from .blocked import (
@@ -61,7 +67,7 @@ class StoredTraining:
 
     def __init__(self, net: object, x_train: Tensor, y_rows: Tensor, diag_reg: float,
                  store: str | os.PathLike, memory: int, side_train: tuple[object, object],
-                 progress: bool | None) -> None:
+                 progress: bool | None, client: object | None = None) -> None:
         require("zarr", "store", "predictions from a store (store=...)")
         if not isinstance(net, Layer):
             raise TypeError("store= needs an architecture (a kernel function cannot be "
@@ -69,7 +75,7 @@ class StoredTraining:
         if x_train.dtype != torch.float64:
             x_train = x_train.to(torch.float64)
         self.net, self.x, self.y = net, x_train, y_rows.to(torch.float64).cpu().numpy()
-        self.reg, self.memory, self.progress = diag_reg, memory, progress
+        self.reg, self.memory, self.progress, self.client = diag_reg, memory, progress, client
         self.root = Path(store)
         mask, adjacency = side_train
         self.side = checked_side_inputs(x_train, None, (mask, None), (adjacency, None))
@@ -94,15 +100,8 @@ class StoredTraining:
             identity["side_inputs_sha256"] = side_inputs_digest(self.side, True)
         return identity
 
-    def _training_tiles(self, name: str):
-        def kernel_tile(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-            value = compute_tile(self.net, self.x, None, Tile(r0, r1, c0, c1), (name,),
-                                 self.side)[name]
-            value = np.array(value, dtype=np.float64, copy=True)
-            if r0 == c0 and self.reg:
-                value[np.diag_indices_from(value)] += self.reg
-            return value
-        return kernel_tile
+    def _training_tiles(self, name: str) -> TrainingTiles:
+        return TrainingTiles(self.net, self.x, self.side, self.reg, name)
 
     # ----------------------------------------------------------------- solutions
     def alpha(self, name: str) -> np.ndarray:
@@ -123,7 +122,7 @@ class StoredTraining:
                 residual = float(info["relative_residual"])
             else:
                 with self._stage(f"factor {name}"):
-                    factor.factorise(tiles, self.progress)
+                    factor.factorise(tiles, self.progress, self.client)
                     factor.store.mark_complete()
                 alpha, residual = self._solve(factor, tiles, name)
                 save_vector(path, stem, alpha, solution_identity,
@@ -155,14 +154,14 @@ class StoredTraining:
             bar.update(2)
         with self._stage(f"residual {name}"):
             residual, r = relative_residual(tiles, self.n, factor.side, alpha, self.y,
-                                            self.progress, name.upper())
+                                            self.progress, name.upper(), self.client)
         for _ in range(REFINEMENT_STEPS):
             if residual <= REFINE_ABOVE:
                 break
             with self._stage(f"refinement {name}"):
                 alpha = alpha + factor.solve(r)
                 residual, r = relative_residual(tiles, self.n, factor.side, alpha, self.y,
-                                                self.progress, name.upper())
+                                                self.progress, name.upper(), self.client)
         if residual > MAX_RESIDUAL:
             raise ValueError(
                 f"the {name.upper()} solve reached a relative residual of {residual:.1e} "
@@ -206,10 +205,12 @@ class StoredTraining:
                 for tile in tiles:
                     if tile.key in finished:
                         value = store.read(tile, (name,))[name]
-                    else:
-                        value = compute_tile(self.net, x, self.x, tile, (name,), side)[name]
-                        store.write(tile, {name: value})
-                    mean[tile.rows] += value @ alpha[tile.cols]
+                        mean[tile.rows] += value @ alpha[tile.cols]
+                        bar.update(1)
+                for tile, values in tile_results(self.net, x, self.x, todo, (name,),
+                                                 self.client, side):
+                    store.write(tile, values)
+                    mean[tile.rows] += values[name] @ alpha[tile.cols]
                     bar.update(1)
             store.mark_complete()
         finally:
@@ -259,6 +260,22 @@ class StoredTraining:
         k_tt = self.net.kernel(x, None, get=name, mask1=mask, adjacency1=adjacency)
         cov = k_tt.to(torch.float64) - torch.from_numpy(projected.T @ projected)
         return 0.5 * (cov + cov.T)
+
+
+class TrainingTiles:
+    """The tiles ``K(X, X)[r0:r1, c0:c1] + diag_reg I`` (on the diagonal) of one kernel
+    of an architecture, float64: a picklable function (Dask tasks compute them)."""
+
+    def __init__(self, net: Layer, x: Tensor, side: tuple, reg: float, name: str) -> None:
+        self.net, self.x, self.side, self.reg, self.name = net, x, side, reg, name
+
+    def __call__(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        value = compute_tile(self.net, self.x, None, Tile(r0, r1, c0, c1), (self.name,),
+                             self.side)[self.name]
+        value = np.array(value, dtype=np.float64, copy=True)
+        if r0 == c0 and self.reg:
+            value[np.diag_indices_from(value)] += self.reg
+        return value
 
 
 def in_memory_bytes(n: int) -> int:
