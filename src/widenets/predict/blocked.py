@@ -8,7 +8,7 @@ factor ``L`` (``K_r = L L^T``) is computed block column by block column, left-lo
     L_jj = chol(K_jj - sum_{k<j} L_jk L_jk^T)
     L_ij = (K_ij - sum_{k<j} L_ik L_jk^T) L_jj^{-T}          for i > j
 
-Each tile of ``L`` is written once, to a :class:`~widenets.store.TileStore` (its numbers,
+Each tile of ``L`` is written once, to a ``TileStore`` (of ``widenets.store``) (its numbers,
 then a marker with their checksum), so a run killed at any point resumes with the tiles
 that are finished and recomputes none of them. The tiles of ``K`` are computed when they
 are needed (each once per factorisation) instead of being stored: a training kernel is
@@ -18,7 +18,7 @@ One step holds two row panels of ``L`` (``b x N`` each) and a few tiles: about
 
 Then ``K_r alpha = y`` by a forward and a backward substitution over the stored tiles,
 and the relative residual ``||y - K_r alpha|| / ||y||`` (Frobenius, float64) from the
-kernel's tiles once more; if it exceeds :data:`REFINE_ABOVE`, iterative refinement
+kernel's tiles once more; if it exceeds ``REFINE_ABOVE`` (1e-9), iterative refinement
 (``alpha += K_r^{-1} r``) improves it. The substitutions and the solution are kept in the
 store too (``.npy`` files with a JSON record of their checksums).
 """
@@ -43,12 +43,12 @@ from ..tiling import Tile
 
 Tensor = torch.Tensor
 
-#: The smallest tile side of the factorisation: below it the per-tile overhead dominates.
+#: The smallest tile side of the factorisation (below it the per-tile overhead dominates).
 MIN_TILE = 16
 #: The largest tile side (larger tiles gain no speed, and resume in coarser steps).
 MAX_TILE = 4096
 #: Residuals above this are reduced by iterative refinement (at most
-#: :data:`REFINEMENT_STEPS` steps).
+#: ``REFINEMENT_STEPS`` steps).
 REFINE_ABOVE = 1e-9
 REFINEMENT_STEPS = 3
 #: Bytes per number (the factorisation is in float64).
@@ -91,9 +91,9 @@ def step_memory(n: int, side: int) -> int:
 
 
 def tile_side(n: int, memory: int) -> int:
-    """The largest tile side (at most :data:`MAX_TILE`, and a multiple of
-    :data:`MIN_TILE`) whose step fits in ``memory`` bytes; ``ValueError`` saying the
-    minimum when even :data:`MIN_TILE` does not."""
+    """The largest tile side (at most ``MAX_TILE`` (4096), and a multiple of
+    ``MIN_TILE`` (16)) whose step fits in ``memory`` bytes; ``ValueError`` saying the
+    minimum when even ``MIN_TILE`` (16) does not."""
     smallest = min(MIN_TILE, n)
     if step_memory(n, smallest) > memory:
         raise ValueError(
@@ -119,7 +119,7 @@ def _blocks(n: int, side: int) -> list[tuple[int, int]]:
 
 class BlockedFactor:
     """The Cholesky factor of ``K_r`` in a tile store (created or resumed), and the solves
-    with it. ``store`` is open (locked) until :meth:`close`."""
+    with it. ``store`` is open (locked) until ``close()``."""
 
     def __init__(self, store: TileStore, name: str, n: int, side: int) -> None:
         self.store, self.name, self.n, self.side = store, name, n, side
@@ -196,9 +196,9 @@ class BlockedFactor:
         self.store.close()
 
 
-#: One tile of the factor to compute: the store's path, the kernel's name, the blocks,
-#: the tile's block row and column, and the factor of its column's diagonal tile (``None``
-#: for the diagonal tile itself).
+#: The arguments of one tile of the factor to compute (after the kernel function), the
+#: store's path, the kernel's name, the blocks, the tile's block row and column, and the
+#: factor of its column's diagonal tile (``None`` for the diagonal tile itself).
 FactorTask = tuple[str, str, list[tuple[int, int]], int, int, "np.ndarray | None"]
 
 

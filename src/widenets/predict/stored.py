@@ -9,7 +9,7 @@ A store is a folder with one sub-store per stage, each resumable on its own:
   ``alpha = K_r^{-1} y`` beside it (``alpha-<targets>.npy`` and a JSON record with its
   checksum and relative residual);
 * ``test-nngp-<inputs>/``, ``test-ntk-<inputs>/``: the test kernel ``K(x, X)`` of each
-  set of test inputs, tile by tile (a :class:`~widenets.store.TileStore`).
+  set of test inputs, tile by tile (a ``TileStore`` (of ``widenets.store``)).
 
 Every sub-store records what it was computed from (the architecture, the training
 inputs and masks, ``diag_reg``, the tile sizes): a store of another training set is
