@@ -30,7 +30,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -228,8 +228,11 @@ def factor_tile(kernel: KernelTiles, path: str, name: str, blocks: list[tuple[in
 
 
 def _local_tasks(kernel: KernelTiles, tasks: list[FactorTask]
-                 ) -> list[tuple[FactorTask, np.ndarray]]:
-    return [(task, factor_tile(kernel, *task)) for task in tasks]
+                 ) -> Iterator[tuple[FactorTask, np.ndarray]]:
+    """The tasks one after the other, each tile yielded (and so written) before the next
+    is computed: one tile in memory at a time."""
+    for task in tasks:
+        yield task, factor_tile(kernel, *task)
 
 
 def _dask_tasks(client: object, kernel: KernelTiles):
@@ -239,8 +242,14 @@ def _dask_tasks(client: object, kernel: KernelTiles):
     shared = client.scatter(kernel, hash=False)  # type: ignore[attr-defined]
 
     def run(_: KernelTiles, tasks: list[FactorTask]):
-        futures = {client.submit(factor_tile, shared, *task,  # type: ignore[attr-defined]
-                                 pure=False): task for task in tasks}
+        if not tasks:
+            return
+        # the tasks of a column share its diagonal factor: sent to the workers once
+        diagonal = tasks[0][5]
+        shared_diagonal = None if diagonal is None else client.scatter(  # type: ignore[attr-defined]
+            diagonal, hash=False)
+        futures = {client.submit(factor_tile, shared, *task[:5],  # type: ignore[attr-defined]
+                                 shared_diagonal, pure=False): task for task in tasks}
         for future in as_completed(futures):
             yield futures[future], future.result()
             future.release()
