@@ -140,12 +140,17 @@ MC_ESTIMATES, MC_SAMPLES = 6, 8
 
 
 def mc_errors(name: str, get: str, seed: int = 0) -> list[float]:
-    """At each width: the root-mean-square over ``MC_ESTIMATES`` estimates (each the mean
-    empirical kernel of ``MC_SAMPLES`` re-initialised instances of the original class) of
-    ``||MC - K|| / ||K||`` (Frobenius), ``K`` the kernel of ``from_torch`` of the same
-    instance (standard parameterisation: the NTK depends on the real widths)."""
+    """:func:`converted_mc_errors` of the model ``name`` of :data:`MC_MODELS`."""
     make, shape, widths = MC_MODELS[name]
-    x = normal(*shape, seed=7)
+    return converted_mc_errors(make, normal(*shape, seed=7), widths, get, seed)
+
+
+def converted_mc_errors(make, x: torch.Tensor, widths, get: str, seed: int) -> list[float]:
+    """At each width: the root-mean-square over ``MC_ESTIMATES`` estimates (each the mean
+    empirical kernel of ``MC_SAMPLES`` re-initialised instances of the original class
+    ``make(width, outputs)``) of ``||MC - K|| / ||K||`` (Frobenius), ``K`` the kernel of
+    ``from_torch`` of the same instance (standard parameterisation: the NTK depends on
+    the real widths)."""
     errors = []
     for width in widths:
         # the empirical NNGP of one output does not concentrate: as many outputs as units

@@ -25,8 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import widenets as wn
-from tests.monte_carlo_errors import rms_relative_error
-from tests.test_convert import B_STD, DTYPE, W_STD, normal, reinitialise, relative
+from tests.test_convert import (
+    B_STD,
+    DTYPE,
+    W_STD,
+    converted_mc_errors,
+    normal,
+    relative,
+)
 from widenets.convert import UnsupportedModule
 from widenets.testing import check_layer
 
@@ -103,27 +109,12 @@ class Block(nn.Module):
 MC_MODELS = {"token_mlp": TokenMLP, "rnn_last": ElmanLast, "rnn_mean": ElmanMean,
              "block": Block}
 WIDTHS = (16, 64, 256)
-MC_ESTIMATES, MC_SAMPLES = 6, 8
 
 
 def mc_errors(name: str, get: str, seed: int = 0) -> list[float]:
-    """At each width, the root-mean-square over ``MC_ESTIMATES`` estimates (each the mean
-    empirical kernel of ``MC_SAMPLES`` re-initialised instances of the original class) of
-    ``||MC - K|| / ||K||``, ``K`` the kernel of ``from_torch`` of the same instance."""
-    x = normal(*TOKENS, seed=7)
-    errors = []
-    for width in WIDTHS:
-        model = MC_MODELS[name](width, width if get == "nngp" else 1).to(DTYPE)
-        arch = wn.from_torch(model, example_input=x, W_std=W_STD, b_std=B_STD)
-        exact = arch.kernel(x, get=get)
-        empirical = wn.empirical_nngp if get == "nngp" else wn.empirical_ntk
-        generator = torch.Generator().manual_seed(seed)
-        errors.append(rms_relative_error(
-            lambda model=model, empirical=empirical, generator=generator: sum(
-                empirical(reinitialise(model, generator), x, outputs="mean")
-                for _ in range(MC_SAMPLES)) / MC_SAMPLES,
-            exact, MC_ESTIMATES))
-    return errors
+    """The Monte Carlo errors at :data:`WIDTHS` of the sequence model ``name`` (see
+    ``tests.test_convert.converted_mc_errors``)."""
+    return converted_mc_errors(MC_MODELS[name], normal(*TOKENS, seed=7), WIDTHS, get, seed)
 
 
 #: (name, get) -> largest error allowed at width 256. Measured over seeds 0 to 4 (errors

@@ -17,7 +17,6 @@ from typing import cast
 import torch
 
 from ..inputs import as_data_tensor, check_nonnegative
-from .blocked import memory_bytes
 from .common import (
     KernelSource,
     Predictor,
@@ -35,7 +34,7 @@ from .common import (
     test_inputs,
     training_targets,
 )
-from .stored import StoredTraining, in_memory_bytes, needs_store_message
+from .stored import stored_training
 
 Tensor = torch.Tensor
 
@@ -91,19 +90,9 @@ def gradient_descent_mse_ensemble(
     xt, y_train_rows = training_targets(x_train, y_train)
     lr = check_nonnegative(learning_rate, "learning_rate")
     reg = check_nonnegative(diag_reg, "diag_reg")
-    memory = None if memory_limit is None else memory_bytes(memory_limit)
-    stored = None
-    if store is not None:
-        from .posterior import default_memory
-
-        stored_y, stored_tail = point_targets(y_train_rows, None)
-        stored = StoredTraining(net_or_kernels, xt, stored_y, reg, store,
-                                memory if memory is not None else default_memory(),
-                                (mask_train, adjacency_train), progress, client)
-    elif client is not None:
-        raise ValueError("client= computes the stages of a store: pass store= too")
-    elif memory is not None and in_memory_bytes(xt.shape[0]) > memory:
-        raise ValueError(needs_store_message(xt.shape[0], memory))
+    stored, stored_tail = stored_training(
+        net_or_kernels, xt, y_train_rows, reg, store, memory_limit,
+        (mask_train, adjacency_train), progress, client)
     spectra: dict[str, tuple[Spectrum, Tensor, tuple[int, ...]]] = {}
     residuals: dict[str, float] = {}
 

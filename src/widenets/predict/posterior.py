@@ -8,7 +8,6 @@ from typing import cast
 import torch
 
 from ..inputs import check_nonnegative
-from .blocked import memory_bytes
 from .common import (
     KernelSource,
     Predictor,
@@ -21,7 +20,7 @@ from .common import (
     test_inputs,
     training_targets,
 )
-from .stored import StoredTraining, in_memory_bytes, needs_store_message
+from .stored import stored_training
 
 Tensor = torch.Tensor
 
@@ -81,17 +80,9 @@ def gp_inference(
     kernels = TrainingKernels(net_or_kernels, (mask_train, adjacency_train))
     xt, y_train_rows = training_targets(x_train, y_train)
     reg = check_nonnegative(diag_reg, "diag_reg")
-    memory = None if memory_limit is None else memory_bytes(memory_limit)
-    stored = None
-    if store is not None:
-        stored_y, stored_tail = point_targets(y_train_rows, None)
-        stored = StoredTraining(net_or_kernels, xt, stored_y, reg, store,
-                                memory if memory is not None else default_memory(),
-                                (mask_train, adjacency_train), progress, client)
-    elif client is not None:
-        raise ValueError("client= computes the stages of a store: pass store= too")
-    elif memory is not None and in_memory_bytes(xt.shape[0]) > memory:
-        raise ValueError(needs_store_message(xt.shape[0], memory))
+    stored, stored_tail = stored_training(
+        net_or_kernels, xt, y_train_rows, reg, store, memory_limit,
+        (mask_train, adjacency_train), progress, client)
     factors: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}
     residuals: dict[str, float] = {}
 
@@ -141,10 +132,3 @@ def relative_residual(k_reg: Tensor, alpha: Tensor, y: Tensor) -> float:
     """``||y - K_r alpha|| / ||y||`` (Frobenius) of an in-memory solve."""
     scale = float(torch.linalg.norm(y))
     return float(torch.linalg.norm(y - k_reg @ alpha)) / scale if scale > 0 else 0.0
-
-
-def default_memory() -> int:
-    """Half the memory available now: the default ``memory_limit`` of a store."""
-    from ..tiles import MEMORY_FRACTION, available_memory
-
-    return int(MEMORY_FRACTION * available_memory())

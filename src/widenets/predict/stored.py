@@ -48,11 +48,13 @@ from .blocked import (
     BlockedFactor,
     digest,
     load_vector,
+    memory_bytes,
     relative_residual,
     save_vector,
     step_memory,
     tile_side,
 )
+from .common import point_targets
 
 Tensor = torch.Tensor
 
@@ -288,3 +290,31 @@ def needs_store_message(n: int, memory: int) -> str:
     return (f"the training kernel of {n} examples needs about {in_memory_bytes(n)} bytes "
             f"({math.ceil(in_memory_bytes(n) / 2**20)} MiB) in memory, more than "
             f"memory_limit ({memory} bytes); pass store= (a folder) to factorise it on disk")
+
+
+def default_memory() -> int:
+    """Half the memory available now: the default ``memory_limit`` of a store."""
+    from ..tiles import MEMORY_FRACTION, available_memory
+
+    return int(MEMORY_FRACTION * available_memory())
+
+
+def stored_training(
+    net_or_kernels: object, x_train: Tensor, y_rows: Tensor, diag_reg: float,
+    store: str | os.PathLike | None, memory_limit: int | str | None,
+    side_train: tuple[object, object], progress: bool | None, client: object | None,
+) -> tuple[StoredTraining | None, tuple[int, ...]]:
+    """The predictors' ``store``, ``memory_limit`` and ``client``: the stored training
+    side and the per-example shape of the targets (``None`` and ``()`` without a
+    store, after checking that the in-memory solve fits in ``memory_limit``)."""
+    memory = None if memory_limit is None else memory_bytes(memory_limit)
+    if store is None:
+        if client is not None:
+            raise ValueError("client= computes the stages of a store: pass store= too")
+        if memory is not None and in_memory_bytes(x_train.shape[0]) > memory:
+            raise ValueError(needs_store_message(x_train.shape[0], memory))
+        return None, ()
+    targets, tail = point_targets(y_rows, None)
+    return StoredTraining(net_or_kernels, x_train, targets, diag_reg, store,
+                          default_memory() if memory is None else memory, side_train,
+                          progress, client), tail
