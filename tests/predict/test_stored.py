@@ -210,6 +210,10 @@ def test_bad_targets_and_sources_are_named(tmp_path):
     x, y, _ = data()
     with pytest.raises(ValueError, match=r"y_train must have shape \(150,\)"):
         gp_inference(net(), x, y[:-1], store=tmp_path, memory_limit=MEMORY)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="is not a folder; it is left untouched"):
+        gp_inference(net(), x, y, store=tmp_path / "file", memory_limit=MEMORY)
+    assert (tmp_path / "file").read_text() == "mine"
     with pytest.raises(TypeError, match="store= needs an architecture"):
         gp_inference(lambda a, b, get: a @ (a if b is None else b).T, x, y, store=tmp_path)
     ensemble = gradient_descent_mse_ensemble(net(), x, y, diag_reg=1e-4, store=tmp_path,

@@ -87,6 +87,9 @@ class StoredTraining:
         #: Wall-clock seconds of each stage run by this object, e.g. ``"factor nngp"``.
         self.stage_seconds: dict[str, float] = {}
         self._alphas: dict[str, np.ndarray] = {}
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"store {self.root} exists and is not a folder; it is left "
+                             "untouched: use a new path")
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ----------------------------------------------------------------- identity
