@@ -269,3 +269,28 @@ def test_a_local_cluster_gives_the_single_process_answer(tmp_path):
         assert len(list((tmp_path / "there" / f"factor-{get}" / "done").iterdir())) == TILES
     with pytest.raises(ValueError, match="pass store= too"):
         gp_inference(net(), x, y, client=object())
+
+
+def test_masked_sequences_from_a_store_equal_the_in_memory_answer(tmp_path):
+    """Masks of the training and test inputs reach every stage (and the store's
+    identity: other masks are another computation)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 3, 6, dtype=torch.float64, generator=g)
+    y = torch.randn(40, 2, dtype=torch.float64, generator=g)
+    xs = torch.randn(9, 3, 6, dtype=torch.float64, generator=g)
+    lengths = torch.randint(1, 7, (40,), generator=g)
+    mask = torch.arange(6)[None, :] < lengths[:, None]
+    mask_test = torch.arange(6)[None, :] < torch.randint(1, 7, (9,), generator=g)[:, None]
+    seq = wn.Sequential(wn.Conv1d(16, 3, padding="same", W_std=1.4, b_std=0.1), wn.ReLU(),
+                        wn.GlobalAvgPool(), wn.Linear(1))
+    expected = gp_inference(seq, x, y, diag_reg=1e-3, mask_train=mask)(
+        xs, get="ntk", mask_test=mask_test)
+    stored = gp_inference(seq, x, y, diag_reg=1e-3, mask_train=mask, store=tmp_path,
+                          memory_limit=step_memory(40, 16))
+    got = stored(xs, get="ntk", mask_test=mask_test)
+    assert relative(got[0], expected[0]) < 1e-8 and relative(got[1], expected[1]) < 1e-8
+    other = mask.clone()
+    other[int(torch.nonzero(lengths < 6)[0])] = True  # one sequence longer
+    with pytest.raises(ValueError, match="its side_inputs_sha256"):
+        gp_inference(seq, x, y, diag_reg=1e-3, mask_train=other, store=tmp_path,
+                     memory_limit=step_memory(40, 16))(xs, get="ntk", mask_test=mask_test)
