@@ -73,3 +73,20 @@ def kernel_architecture(arch: str, depth: int, W_std: float, b_std: float, activ
     if arch == "fc":
         return mlp(depth, activation, 1, W_std, b_std)
     return cnn(depth, activation, 1, arch.removeprefix("cnn-"), W_std, b_std)
+
+
+def memory_size(text: str) -> int:
+    """An argparse type: bytes of memory, as MiB for a plain number (``600``) or with a
+    unit (``600MiB``, ``20GiB``, ``1.5GB``)."""
+    from ..predict.blocked import memory_bytes
+
+    try:
+        mebibytes = float(text)
+    except ValueError:
+        try:
+            return memory_bytes(text.strip(), "--memory-limit")
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    if not math.isfinite(mebibytes) or mebibytes <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return max(1, int(mebibytes * 2**20))

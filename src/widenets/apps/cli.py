@@ -34,6 +34,7 @@ from .arguments import (
     KERNEL_ARCHITECTURES,
     kernel_architecture,
     kernel_names,
+    memory_size,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -275,9 +276,10 @@ def add_kernel_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument("--tile", type=tile_side, default="auto", metavar="N|auto",
                         help="tile side in examples; 'auto' chooses it from the memory "
                              "limit, or reuses the store's when resuming (default: auto)")
-    parser.add_argument("--memory-limit", type=positive_float, default=None, metavar="MiB",
+    parser.add_argument("--memory-limit", type=memory_size, default=None, metavar="SIZE",
                         help="memory for the result plus one tile's working set, for "
-                             "--tile auto (default: half the available memory)")
+                             "--tile auto: MiB, or with a unit such as 600MiB or 2GiB "
+                             "(default: half the available memory)")
     parser.add_argument("--n", type=positive_int, default=None, metavar="N",
                         help="use only the first N examples of --data and of --data2")
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
@@ -366,7 +368,7 @@ def run_kernel_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     net = kernel_architecture(args.arch, args.depth, args.W_std, args.b_std, args.activation)
-    memory_limit = None if args.memory_limit is None else int(args.memory_limit * 2**20)
+    memory_limit = args.memory_limit
     store = Path(args.store)
     # One kernel by name gives a store that load_kernel reads as a tensor, as net.kernel.
     get = args.get[0] if len(args.get) == 1 else args.get

@@ -15,6 +15,7 @@ from .arguments import (
     KERNEL_ARCHITECTURES,
     kernel_architecture,
     kernel_names,
+    memory_size,
     nonnegative_float,
     positive_float,
     positive_int,
@@ -68,9 +69,9 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--store", default=None, metavar="DIR",
                         help="folder where the factorisation, solutions and test kernels "
                              "are kept (and resumed); without it, everything is in memory")
-    parser.add_argument("--memory-limit", default=None, metavar="SIZE",
-                        help="working memory, e.g. 600MiB or 20GiB (default: half the "
-                             "available memory)")
+    parser.add_argument("--memory-limit", type=memory_size, default=None, metavar="SIZE",
+                        help="working memory: MiB, or with a unit such as 600MiB or 20GiB "
+                             "(default: half the available memory)")
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
                         help="a Dask scheduler whose workers compute the tiles (needs "
                              "--store on a file system they share)")
