@@ -195,3 +195,27 @@ def test_sign_and_step_of_an_exactly_zero_input(activation):
             assert float(k[0, 0]) == pytest.approx(0.01, rel=1e-14)
             torch.testing.assert_close(k[0, 1:], torch.full((2,), 0.01, dtype=torch.float64),
                                        rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("threads", [1, 8], ids=["numpy", "torch"])
+def test_in_place_arccos_is_within_an_ulp_of_torchs(dtype, threads):
+    """gaussian.arccos_ (NumPy's arccos on few threads, torch's otherwise) against
+    torch.arccos, uniform and near +-1; a tensor that records gradients keeps torch's."""
+    from widenets.gaussian import arccos_
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.uniform(-1, 1, 4000), -1 + 10.0 ** rng.uniform(-15, -1, 500),
+                             1 - 10.0 ** rng.uniform(-15, -1, 500), [-1.0, 0.0, 1.0]])
+    x = torch.from_numpy(values).to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = arccos_(x.clone())
+    finally:
+        torch.set_num_threads(previous)
+    expected = torch.arccos(x)
+    ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert bool(((got - expected).abs() <= 2 * ulp).all())
+    recorded = x.clone().requires_grad_(True) * 1.0
+    assert torch.equal(arccos_(recorded), torch.arccos(x))
