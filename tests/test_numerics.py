@@ -219,3 +219,5 @@ def test_in_place_arccos_is_within_an_ulp_of_torchs(dtype, threads):
     assert bool(((got - expected).abs() <= 2 * ulp).all())
     recorded = x.clone().requires_grad_(True) * 1.0
     assert torch.equal(arccos_(recorded), torch.arccos(x))
+    wrapped = torch.func.grad(lambda v: arccos_(v * 0.5).sum())(x[:8].double())
+    assert torch.allclose(wrapped, -0.5 / torch.sqrt(1 - (0.5 * x[:8].double()) ** 2))

@@ -111,11 +111,14 @@ def arccos_(values: Tensor) -> Tensor:
     :data:`NUMPY_ARCCOS_THREADS` threads. NumPy's vectorised arccos (SVML on AVX-512) is
     3.2 times faster per thread than torch's on float64, and both are within 1 ulp of the
     exact value (measured against mpmath at 120 bits, uniform and near +-1): on one
-    thread it beats torch's on three."""
+    thread it beats torch's on three. Tensors of ``torch.func`` transforms keep torch's."""
     if (values.device.type == "cpu" and values.is_contiguous() and not values.requires_grad
             and values.dtype in (torch.float32, torch.float64)
             and torch.get_num_threads() <= NUMPY_ARCCOS_THREADS):
-        array = values.numpy()
+        try:
+            array = values.numpy()
+        except RuntimeError:  # a torch.func wrapper (grad, jvp, vmap) has no storage
+            return values.arccos_()
         np.arccos(array, out=array)
         return values
     return values.arccos_()
