@@ -26,19 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import widenets as wn
+from widenets.architectures import mlp
 from widenets.datasets import DEBIAN_FASHION_MNIST, load_idx, one_hot_targets, unit_mean_square
 from widenets.predict import gp_inference
 
 #: The scikit-learn benchmark's best classical result on Fashion-MNIST (an RBF SVC).
 SVC_ACCURACY = 0.897
-
-
-def network(depth: int) -> wn.Layer:
-    layers: list[wn.Layer] = []
-    for _ in range(depth):
-        layers += [wn.Linear(512, W_std=2 ** 0.5, b_std=0.05), wn.ReLU()]
-    return wn.Sequential(*layers, wn.Linear(10, W_std=2 ** 0.5, b_std=0.05))
 
 
 def disk_bytes(folder: Path) -> int:
@@ -63,7 +56,7 @@ def main() -> None:
     xs = torch.from_numpy(unit_mean_square(x_test[:args.n_test]))
     y = torch.from_numpy(one_hot_targets(labels_train[:args.n_train]))
     truth = labels_test[:args.n_test]
-    net = network(args.depth)
+    net = mlp(args.depth, "relu", 512, W_std=2 ** 0.5, b_std=0.05, outputs=10)
     loaded = time.perf_counter() - started
     report: dict = {
         "date": str(datetime.date.today()), "machine": platform.machine(),

@@ -46,9 +46,10 @@ class DigitsData:
         return one_hot_targets(self.labels_test)
 
 
-def one_hot_targets(labels: np.ndarray) -> np.ndarray:
-    """Labels 0-9 as regression targets: one-hot minus 0.1 (zero mean over classes)."""
-    return np.eye(10)[labels] - 0.1
+def one_hot_targets(labels: np.ndarray, classes: int = 10) -> np.ndarray:
+    """Labels ``0 .. classes - 1`` as regression targets: one-hot minus 0.1 (zero mean
+    over 10 classes)."""
+    return np.eye(classes)[labels] - 0.1
 
 
 def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:

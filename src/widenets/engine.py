@@ -147,11 +147,13 @@ def channels_first(
     inner = net.after_channels_last()
     if inner is None:
         return net, x1, x2
+    return inner, channels_to_front(x1), None if x2 is None else channels_to_front(x2)
 
-    def moved(x: torch.Tensor) -> torch.Tensor:
-        return x if x.ndim <= 2 else x.movedim(-1, 1)
 
-    return inner, moved(x1), None if x2 is None else moved(x2)
+def channels_to_front(x: torch.Tensor) -> torch.Tensor:
+    """Inputs ``(N, *positions, C)`` as ``(N, C, *positions)`` (``(N, features)`` as they
+    are): what :class:`~widenets.ChannelsLast` does, in the kernels and in its twin."""
+    return x if x.ndim <= 2 else x.movedim(-1, 1)
 
 
 def checked_side_inputs(

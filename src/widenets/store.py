@@ -268,17 +268,10 @@ class TileStore:
     def open_finished(cls, path: str | os.PathLike) -> TileStore:
         """A complete store, opened for reading only (no lock: reading writes nothing);
         ``ValueError`` naming the path for anything else."""
-        store = cls.__new__(cls)
-        store.path = Path(path)
-        store.done = store.path / DONE
-        store.read_only, store.read_only_reason, store._lock = True, "opened for reading", None
-        store.identity, store.complete = read_identity(store.path)
+        store = cls.open_for_reading(path)
         if not store.complete:
             raise ValueError(f"store {store.path} is unfinished; run the same kernel_matrix "
                              "call again to complete it")
-        store.names = tuple(store.identity["get"])
-        store.dtype = np.dtype(store.identity["dtype"])
-        store._open_arrays()
         return store
 
     @classmethod

@@ -31,9 +31,9 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -210,8 +210,6 @@ def tile_results(net, x1, x2, todo: list[Tile], names, client,
         for tile in todo:
             yield tile, compute_tile(net, x1, x2, tile, names, side)
         return
-    as_completed = require("distributed", "dask", "kernel_matrix(client=...)").as_completed
-
     # Scattered under fresh keys (hash=False): content-hashed keys are shared by calls with
     # equal data, and a call made while the previous one's data is being released lost its
     # dependencies. Not broadcast: the workers fetch what they need from each other, while
@@ -220,9 +218,19 @@ def tile_results(net, x1, x2, todo: list[Tile], names, client,
     net_f, x1_f = client.scatter(net, hash=False), client.scatter(x1, hash=False)
     x2_f = None if x2 is None else client.scatter(x2, hash=False)
     side_f = client.scatter(side, hash=False) if any(v is not None for v in side) else side
-    futures = {client.submit(compute_tile, net_f, x1_f, x2_f, tile, names, side_f,
-                             pure=False): tile
-               for tile in todo}
+    yield from on_workers(client, compute_tile, [
+        (tile, (net_f, x1_f, x2_f, tile, names, side_f)) for tile in todo])
+
+
+def on_workers(client: Any, function: Callable[..., Any], calls: list[tuple[Any, tuple]]
+               ) -> Iterator[tuple[Any, Any]]:
+    """``(key, function(*arguments))`` for each ``(key, arguments)`` of ``calls``, run on the
+    workers of the Dask ``client`` and yielded as they finish (each result released from
+    the cluster once taken). Large arguments shared by the calls should be scattered by
+    the caller first (``client.scatter(value, hash=False)``, see :func:`tile_results`)."""
+    as_completed = require("distributed", "dask", "client=").as_completed
+    futures = {client.submit(function, *arguments, pure=False): key
+               for key, arguments in calls}
     for future in as_completed(futures):
         yield futures[future], future.result()
         future.release()

@@ -140,8 +140,7 @@ def load_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndar
         xs = xs[:args.n_test]
         labels_test = None if labels_test is None else labels_test[:args.n_test]
     if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
-        y = one_hot_targets(labels) if labels.max() < 10 else (
-            np.eye(int(labels.max()) + 1)[labels] - 0.1)
+        y = one_hot_targets(labels, max(10, int(labels.max()) + 1))
     else:
         y = np.asarray(labels, dtype=np.float64)
     if args.arch != "fc":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine import channels_to_front
 from .base import KernelState, Layer, Shape, single_shape
 from .combinators import Sequential
 
@@ -49,4 +50,4 @@ class MoveChannelsFirst(nn.Module):
     """Finite twin of :class:`ChannelsLast`: ``(N, *positions, C) -> (N, C, *positions)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if x.ndim <= 2 else x.movedim(-1, 1)
+        return channels_to_front(x)

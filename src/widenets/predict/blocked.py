@@ -32,14 +32,16 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..engine import progress_bar
-from ..optional import require
 from ..store import TileStore, checksum
+from ..tiles import on_workers
 from ..tiling import Tile
+from .common import cholesky
 
 Tensor = torch.Tensor
 
@@ -235,24 +237,19 @@ def _local_tasks(kernel: KernelTiles, tasks: list[FactorTask]
         yield task, factor_tile(kernel, *task)
 
 
-def _dask_tasks(client: object, kernel: KernelTiles):
+def _dask_tasks(client: Any, kernel: KernelTiles):
     """A runner of factor tasks on ``client``'s workers (the kernel function scattered
     once), yielding ``(task, tile)`` as they finish."""
-    as_completed = require("distributed", "dask", "predictions with client=").as_completed
-    shared = client.scatter(kernel, hash=False)  # type: ignore[attr-defined]
+    shared = client.scatter(kernel, hash=False)
 
     def run(_: KernelTiles, tasks: list[FactorTask]):
         if not tasks:
             return
         # the tasks of a column share its diagonal factor: sent to the workers once
         diagonal = tasks[0][5]
-        shared_diagonal = None if diagonal is None else client.scatter(  # type: ignore[attr-defined]
-            diagonal, hash=False)
-        futures = {client.submit(factor_tile, shared, *task[:5],  # type: ignore[attr-defined]
-                                 shared_diagonal, pure=False): task for task in tasks}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
-            future.release()
+        shared_diagonal = None if diagonal is None else client.scatter(diagonal, hash=False)
+        yield from on_workers(client, factor_tile, [
+            (task, (shared, *task[:5], shared_diagonal)) for task in tasks])
 
     return run
 
@@ -267,17 +264,11 @@ def _solve_lower(lower: np.ndarray, rhs: np.ndarray, transpose: bool = False) ->
 
 
 def _cholesky_tile(block: np.ndarray, start: int, name: str) -> np.ndarray:
-    """The factor of a diagonal tile's Schur complement; refused as the in-memory
-    factorisation refuses a kernel that is not positive definite."""
-    matrix = torch.from_numpy(0.5 * (block + block.T))
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    tiny = matrix.shape[0] * torch.finfo(torch.float64).eps * matrix.diagonal().abs().max()
-    if int(info) != 0 or bool((factor.diagonal() ** 2 <= tiny).any()):
-        raise ValueError(
-            f"the training {name.upper()} kernel is not positive definite (found at the "
-            f"tile of rows {start}:{start + block.shape[0]}: duplicate training points, or "
-            "a kernel of low rank); pass diag_reg > 0, e.g. diag_reg=1e-6 * mean diagonal")
-    return factor.numpy()
+    """The factor of a diagonal tile's Schur complement, with the in-memory
+    factorisation's refusal of a kernel that is not positive definite."""
+    what = (f"training {name.upper()} kernel (at its tile of rows "
+            f"{start}:{start + block.shape[0]})")
+    return cholesky(torch.from_numpy(0.5 * (block + block.T)), what).numpy()
 
 
 # --------------------------------------------------------------------- residuals
@@ -312,15 +303,11 @@ def residual_terms(kernel: KernelTiles, r0: int, r1: int, c0: int, c1: int,
     return block @ alpha[c0:c1], None if r0 == c0 else block.T @ alpha[r0:r1]
 
 
-def _dask_residuals(client: object, kernel: KernelTiles, tasks: list, alpha: np.ndarray):
-    as_completed = require("distributed", "dask", "predictions with client=").as_completed
-    shared = client.scatter(kernel, hash=False)  # type: ignore[attr-defined]
-    shared_alpha = client.scatter(alpha, hash=False)  # type: ignore[attr-defined]
-    futures = {client.submit(residual_terms, shared, *task,  # type: ignore[attr-defined]
-                             shared_alpha, pure=False): task for task in tasks}
-    for future in as_completed(futures):
-        yield futures[future], future.result()
-        future.release()
+def _dask_residuals(client: Any, kernel: KernelTiles, tasks: list, alpha: np.ndarray):
+    shared, shared_alpha = client.scatter(kernel, hash=False), client.scatter(alpha,
+                                                                               hash=False)
+    yield from on_workers(client, residual_terms, [
+        (task, (shared, *task, shared_alpha)) for task in tasks])
 
 
 # --------------------------------------------------------------------- stored vectors

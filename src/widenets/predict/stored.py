@@ -237,9 +237,9 @@ class StoredTraining:
 
     def test_covariance(self, x_test: Tensor, name: str,
                         side_test: tuple[object, object]) -> Tensor:
-        """``K(x, x) - K(x, X) K_r^{-1} K(X, x)`` from the stored factor and test kernel;
-        it holds ``K(x, X)`` and ``L^{-1} K(X, x)`` in memory (``ValueError`` if they do
-        not fit in the memory limit)."""
+        """``K(x, x) - K(x, X) K_r^{-1} K(X, x)`` from the stored factor and the test
+        kernel that :meth:`test_mean` stored; it holds ``K(x, X)`` and ``L^{-1} K(X, x)``
+        in memory (``ValueError`` if they do not fit in the memory limit)."""
         x = x_test.to(torch.float64)
         m = x.shape[0]
         need = 8 * (2 * self.n * m + 2 * m * m)
@@ -248,7 +248,6 @@ class StoredTraining:
                 f"compute_cov=True from a store holds {need} bytes for {m} test points and "
                 f"{self.n} training points, more than memory_limit ({self.memory}); use "
                 "compute_cov=False, or fewer test points per call")
-        self.test_mean(x, name, side_test)  # the test kernel, stored
         tests = TileStore.open_finished(self._test_path(name, x))
         rows, cols = tests.identity["tile"]
         k_test_train = np.empty((m, self.n))
