@@ -68,6 +68,68 @@ def test_every_activation_on_images_both_layouts(name):
     assert_paths_agree(flat, images, spatial="full")
 
 
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_every_activation_on_masked_sequences(name):
+    """The full spatial covariance with masks (masked positions have variance 0): the
+    fast path maps a symmetric kernel's self-covariances as its batch diagonal, and the
+    two self-covariances of ``x2`` given in one batch."""
+    tokens = torch.randn(6, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    tokens[5] = tokens[2]
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[4, 1:] = False
+    net = wn.Sequential(wn.Conv1d(4, 1, W_std=1.4), ACTIVATIONS[name](),
+                        wn.SelfAttention(n_heads=2, b_std=0.1), ACTIVATIONS[name](),
+                        wn.GlobalAvgPool(), wn.Linear(1))
+    assert_paths_agree(net, tokens, mask1=mask)
+    assert_paths_agree(net, tokens[:2], tokens[2:], mask1=mask[:2], mask2=mask[2:])
+
+
+@pytest.mark.parametrize("transform", ["func.jvp", "forward_ad"])
+def test_forward_mode_derivatives_at_zero_variance_stay_finite(transform):
+    """The variance helpers take their two-operation form only where no derivative is
+    taken: under forward-mode AD a masked position (variance 0) keeps tangent 0 there."""
+    from torch.autograd import forward_ad
+
+    from widenets import gaussian
+
+    q = torch.tensor([0.0, 2.0, 0.5], dtype=torch.float64)
+    direction = torch.ones_like(q)
+    expected = {"inverse": torch.tensor([0.0, -0.5 * 2.0**-1.5, -0.5 * 0.5**-1.5]),
+                "root": torch.tensor([0.0, 0.5 * 2.0**-0.5, 0.5 * 0.5**-0.5])}
+    for key, function in (("inverse", gaussian.inverse_sqrt), ("root", gaussian.root_variance)):
+        if transform == "func.jvp":
+            _, tangent = torch.func.jvp(function, (q,), (direction,))
+        else:
+            with forward_ad.dual_level():
+                tangent = forward_ad.unpack_dual(function(forward_ad.make_dual(q, direction)))[1]
+        torch.testing.assert_close(tangent, expected[key].to(q.dtype))
+    tokens = torch.randn(3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    net = wn.Sequential(wn.Conv1d(3, 1), wn.ReLU(), wn.GlobalAvgPool(), wn.Linear(1))
+
+    def kernel(x):
+        return net.kernel(x[:1], x[1:], get="ntk", mask1=mask[:1], mask2=mask[1:])
+
+    _, tangent = torch.func.jvp(kernel, (tokens,), (torch.ones_like(tokens),))
+    assert torch.isfinite(tangent).all()
+    step = 1e-6  # central differences of the kernel along the same direction
+    difference = (kernel(tokens + step) - kernel(tokens - step)) / (2 * step)
+    torch.testing.assert_close(tangent, difference, rtol=1e-6, atol=1e-8)
+
+
+def test_variance_helpers_without_derivatives_equal_the_careful_form():
+    from widenets import gaussian
+
+    q = torch.tensor([0.0, -0.0, -1.0, float("nan"), float("inf"), 1e-300, 4.0, 5e-324],
+                     dtype=torch.float64)
+    positive = q > 0
+    careful_inverse = torch.where(positive, torch.rsqrt(torch.where(positive, q, 1.0)), 0.0)
+    careful_root = torch.where(positive, torch.sqrt(torch.where(positive, q, 1.0)), 0.0)
+    assert torch.equal(gaussian.inverse_sqrt(q), careful_inverse)
+    assert torch.equal(gaussian.root_variance(q), careful_root)
+
+
 CONV_CASES = list(itertools.product(
     [1, 2, 3], [(3, 3), (2, 4), (4, 1)], ["valid", "same", "circular"]))
 

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 
 Tensor = torch.Tensor
 
@@ -26,11 +27,27 @@ def records_gradients(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def undifferentiated(q: Tensor) -> bool:
+    """Whether no derivative of ``q`` is taken: it does not require gradients, and is
+    neither a ``torch.func`` transform's tensor nor seen inside a forward-mode level."""
+    return (not q.requires_grad and forward_ad._current_level < 0
+            and not _is_functorch_wrapped(q))
+
+
+def _is_functorch_wrapped(tensor: Tensor) -> bool:
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(is_wrapped is not None and is_wrapped(tensor))
+
+
 def inverse_sqrt(q: Tensor) -> Tensor:
     """``1 / sqrt(q)``, and 0 where the variance ``q`` is 0 (the correlation is then 0).
 
     The square root is taken of 1 where ``q`` is 0: otherwise its infinite derivative
-    there, times the zero that ``where`` passes back, would make a NaN gradient."""
+    there, times the zero that ``where`` passes back, would make a NaN gradient. Without
+    derivatives the same values come in two operations instead of six (the kernel rules
+    call this on small tensors, where each operation's cost is its overhead)."""
+    if undifferentiated(q):
+        return torch.rsqrt(q).nan_to_num_(0.0, 0.0, 0.0)  # 0 for q <= 0 (and NaN)
     positive = q > 0
     return torch.where(positive, torch.rsqrt(torch.where(positive, q, 1.0)), 0.0)
 
@@ -45,7 +62,10 @@ def root_variance(q: Tensor) -> Tensor:
     0 for the derivatives through ``sqrt(q)`` and through the correlation (see
     :func:`inverse_sqrt`): the mean of the one-sided values for the ReLU family, whose
     kernel is not differentiable there, but a missing term for activations whose kernel
-    is smooth there (``Sin``, ``Cos``, ``Rbf``, ``Erf`` with a shift, ...)."""
+    is smooth there (``Sin``, ``Cos``, ``Rbf``, ``Erf`` with a shift, ...). Without
+    derivatives, the same values in two operations (see :func:`inverse_sqrt`)."""
+    if undifferentiated(q):
+        return torch.sqrt(q).nan_to_num_(0.0, math.inf)  # 0 for q < 0 (and NaN)
     positive = q > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, q, 1.0)), 0.0)
 

@@ -88,6 +88,54 @@ class Activation(Layer):
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
+        if fast_paths_enabled() and k.layout.paired:
+            nngp, ntk, var1, var2 = self._paired_maps(k)
+        else:
+            nngp, ntk, var1, var2 = self._maps(k)
+        positions = k.layout.positions
+        return k.replace(
+            nngp=nngp, ntk=ntk, var1=var1, var2=var2, is_gaussian=False,
+            mean1=self.mean_map(positions(k.var1)),
+            mean2=None if k.var2 is None else self.mean_map(positions(k.var2)))
+
+    def _paired_maps(
+        self, k: Kernel
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """The maps of a kernel with the full spatial covariance, on the fast path:
+        ``(nngp, ntk, var1, var2)``.
+
+        Of a symmetric kernel, the self-covariances are its batch diagonal
+        (``nngp[i, i] = var1[i]``): their map is read from the map of ``nngp``, whose
+        correlations there are exactly those of ``var1`` (exactly 1 at equal positions).
+        Otherwise both self-covariances are mapped together, in one batch.
+        """
+        layout = k.layout
+        q1, q2 = k.pair_variances()
+        inverse1 = gaussian.inverse_sqrt(layout.positions(k.var1))
+        if k.var2 is None:
+            def equal_positions(moments: Tensor) -> Tensor:
+                return layout.positions(batch_diagonal(moments))
+
+            rho, c = fast_correlation(k.nngp, q1, q2, equal_positions, 1.0,
+                                      k.pair_broadcast(inverse1, inverse1))
+            nngp, ntk = self.pair_maps(q1, q2, c, rho, k.ntk)
+            return nngp, ntk, batch_diagonal(nngp).clone(), None
+        inverse2 = gaussian.inverse_sqrt(layout.positions(k.var2))
+        both = torch.cat((k.var1, k.var2))
+        inverse_both = torch.cat((inverse1, inverse2))
+        s1, s2 = k.self_variances(both)
+        self_rho, self_c = fast_correlation(
+            both, s1, s2, layout.positions, 1.0,
+            (layout.as_first(inverse_both), layout.as_second(inverse_both)))
+        mapped = self.pair_maps(s1, s2, self_c, self_rho, None)[0]
+        rho, c = fast_correlation(k.nngp, q1, q2, None, 1.0, k.pair_broadcast(inverse1, inverse2))
+        nngp, ntk = self.pair_maps(q1, q2, c, rho, k.ntk)
+        count = k.var1.shape[0]
+        return nngp, ntk, mapped[:count], mapped[count:]
+
+    def _maps(self, k: Kernel) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """The maps of any kernel, self-covariances on their own: ``(nngp, ntk, var1,
+        var2)``."""
         var1, self_rho = self._self_map(k, k.var1)
         var2 = None if k.var2 is None else self._self_map(k, k.var2)[0]
         q1, q2 = k.pair_variances()
@@ -108,11 +156,7 @@ class Activation(Layer):
                 ntk = None if k.ntk is None else k.ntk * self.derivative_map(q1, q2, c, rho)
         if k.symmetric:
             batch_diagonal(nngp).copy_(var1)
-        positions = k.layout.positions
-        return k.replace(
-            nngp=nngp, ntk=ntk, var1=var1, var2=var2, is_gaussian=False,
-            mean1=self.mean_map(positions(k.var1)),
-            mean2=None if k.var2 is None else self.mean_map(positions(k.var2)))
+        return nngp, ntk, var1, var2
 
     def _self_map(self, k: Kernel, var: Tensor) -> tuple[Tensor, Tensor]:
         """The NNGP map of a self-covariance ``var``, and its correlations (exactly 1 at
@@ -121,9 +165,6 @@ class Activation(Layer):
             rho = torch.ones_like(var)
             return self.nngp_map(var, var, var, rho).clone(), rho
         q1, q2 = k.self_variances(var)
-        if fast_paths_enabled():
-            rho, c = fast_correlation(var, q1, q2, k.layout.positions, 1.0)
-            return self.pair_maps(q1, q2, c, rho, None)[0], rho
         rho, c = gaussian.snapped_correlation(q1, q2, var)
         rho = rho.clone()  # as above
         k.layout.positions(rho).fill_(1.0)
@@ -141,27 +182,31 @@ def fast_correlation(
     q2: Tensor,
     known: Callable[[Tensor], Tensor] | None,
     known_rho: Tensor | float,
+    inverse_std: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``gaussian.snapped_correlation(q1, q2, moments)`` in fewer passes (the fast path).
 
     The inverse standard deviations are taken of the variances ``q1``, ``q2`` (per
-    example and position, broadcast against ``moments``), so the correlation costs two
-    multiplications and a clip; the snapping to +-1, which needs a pass of its own for a
+    example and position, broadcast against ``moments``; ``inverse_std`` when the caller
+    has them already), so the correlation costs two multiplications and a clip; the
+    snapping to +-1, which needs a pass of its own for a
     mask, runs only when the extreme correlations say some entry is that close. The
     entries in the view ``known(rho)`` (the batch diagonal of a symmetric kernel, or the
     equal positions of a self-covariance) are left out of that test and set to
     ``known_rho`` (exactly 1 at equal positions).
     """
-    rho = torch.mul(moments, gaussian.inverse_sqrt(q1)).mul_(gaussian.inverse_sqrt(q2))
+    if inverse_std is None:
+        inverse_std = gaussian.inverse_sqrt(q1), gaussian.inverse_sqrt(q2)
+    rho = torch.mul(moments, inverse_std[0]).mul_(inverse_std[1])
     if known is not None:
         known(rho).zero_()
     c = moments
     if rho.numel():
         tolerance = gaussian.snap_tolerance(rho.dtype)
-        low, high = torch.aminmax(rho)
-        if bool((high > 1.0) | (low < -1.0)):  # (rounding; a pass only when needed)
+        low, high = torch.stack(torch.aminmax(rho)).tolist()  # (one synchronisation)
+        if high > 1.0 or low < -1.0:  # (rounding; a pass only when needed)
             rho.clamp_(-1.0, 1.0)
-        if bool((1.0 - high <= tolerance) | (1.0 + low <= tolerance)):
+        if 1.0 - high <= tolerance or 1.0 + low <= tolerance:
             rho, c = gaussian.snap_to_unit(q1, q2, c, rho)
     if known is not None:
         if isinstance(known_rho, float):
