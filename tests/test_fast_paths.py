@@ -200,6 +200,88 @@ def test_tiles_equal_one_block(monkeypatch, symmetric):
             assert torch.equal(tiled[name], tiled[name].T)
 
 
+LISTED_NETS = {
+    "attention": lambda a: wn.Sequential(
+        wn.Conv1d(8, 1, W_std=1.5, b_std=0.05), a(),
+        wn.SelfAttention(n_heads=2, W_value_std=1.2, b_std=0.1, pos_emb="sum"), a(),
+        wn.SelfAttention(attention="relu", causal=True), a(),
+        wn.GlobalAvgPool(), wn.Linear(1, 1.5, 0.05)),
+    "cnn": lambda a: wn.Sequential(
+        wn.Conv2d(6, 3, padding="same", W_std=1.4, b_std=0.1), a(), wn.AvgPool2d(2),
+        wn.Conv2d(6, 2, padding="valid", W_std=1.3, b_std=0.2), wn.Identity(), a(),
+        wn.GlobalAvgPool(), wn.Linear(1)),
+}
+LISTED_INPUTS = {"attention": (7, 3, 6), "cnn": (7, 2, 6, 5)}
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("kind", sorted(LISTED_NETS))
+def test_listed_pairs_equal_the_full_tile(monkeypatch, kind, activation):
+    """A symmetric tile computed on its pairs i <= j only (every layer takes listed
+    pairs) against the full (N, N) arrays: equal to rounding, and exactly symmetric."""
+    net = LISTED_NETS[kind](ACTIVATIONS[activation])
+    x = torch.randn(*LISTED_INPUTS[kind], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(5))
+    x[6] = x[2]  # a duplicate: correlations snapped to 1 off the batch diagonal too
+    assert engine.lists_pairs(net, x, (None,) * 4)
+    listed = net.kernel(x, get=("nngp", "ntk"))
+    monkeypatch.setattr(engine, "lists_pairs", lambda *args: False)
+    full = net.kernel(x, get=("nngp", "ntk"))
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(listed[name], full[name], rtol=RTOL, atol=0)
+        assert torch.equal(listed[name], listed[name].T)
+
+
+def test_pairs_are_listed_only_where_every_layer_takes_them():
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    attention = LISTED_NETS["attention"](wn.ReLU)
+    assert engine.lists_pairs(attention, x, (None,) * 4)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    assert not engine.lists_pairs(attention, x, (mask, mask, None, None))
+    assert not engine.lists_pairs(attention, x[:1], (None,) * 4)
+    with straightforward():
+        assert not engine.lists_pairs(attention, x, (None,) * 4)
+    for other in (wn.LayerNorm(), wn.Residual(wn.Conv1d(4, 1)), wn.Dropout(0.1),
+                  wn.SelfAttention(attention="identity", linear_scaling=False),
+                  wn.Linear(3, W_std=torch.ones(4))):
+        net = wn.Sequential(wn.Conv1d(4, 1), other, wn.GlobalAvgPool(), wn.Linear(1))
+        assert not engine.lists_pairs(net, x, (None,) * 4), other
+
+
+def test_a_symmetric_matrix_of_listed_pairs_fills_one_tile_of_the_budget(monkeypatch):
+    """Listed pairs: a diagonal tile of N examples holds about N^2 / 2 pairs, so N up to
+    sqrt(2 x budget) is one tile (the full layout would make three)."""
+    net = LISTED_NETS["attention"](wn.ReLU)
+    x = torch.randn(20, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    blocks = []
+
+    def counted(net, x1, x2, *args):
+        blocks.append((x1.shape[0], x2 is None))
+        return original(net, x1, x2, *args)
+
+    original = engine.kernel_block
+    monkeypatch.setattr(engine, "kernel_block", counted)
+    monkeypatch.setattr(engine, "SPATIAL_TILE_ENTRIES", 200 * 16)  # 200 pairs of 4 x 4
+    listed = net.kernel(x, get=("nngp", "ntk"))
+    assert blocks == [(20, True)]  # 20 <= isqrt(400)
+    blocks.clear()
+    monkeypatch.setattr(engine, "lists_pairs", lambda *args: False)
+    full = net.kernel(x, get=("nngp", "ntk"))
+    assert blocks == [(10, True), (10, False), (10, True)]  # tiles of at most 14: 10 + 10
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(listed[name], full[name], rtol=RTOL, atol=0)
+
+
+def test_positional_outputs_of_listed_pairs_fall_back_to_the_full_tile():
+    """A sequence-to-sequence network keeps positions: its tile is computed in full."""
+    net = wn.Sequential(wn.Conv1d(4, 1), wn.ReLU(), wn.Conv1d(1, 1))
+    x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    kernel = net.kernel(x, get="nngp")
+    assert kernel.shape == (5, 5, 3, 3)
+    with straightforward():
+        torch.testing.assert_close(kernel, net.kernel(x, get="nngp"), rtol=RTOL, atol=0)
+
+
 def test_an_overflow_is_reported_from_any_tile(monkeypatch):
     monkeypatch.setattr(engine, "TILE_ENTRIES", 16)
     x = random_inputs(20, 3, seed=9)

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from .heap import keep_freed_temporaries
 from .inputs import COMPUTE_DTYPES, all_finite, as_input_pair, parse_get
-from .kernel import Kernel, Kernels, Layout
-from .paths import straightforward
+from .kernel import Kernel, Kernels, Layout, PairList
+from .paths import fast_paths_enabled, straightforward
 from .requirements import network_needs
 from .side_inputs import check_adjacency, check_mask
 from .tiling import balanced_side, plan_tiles
@@ -237,6 +237,10 @@ def _compute_tiles(
     side = max(1, math.isqrt(pairs_per_tile))
     if t2 is None:
         row_side = col_side = balanced_side(t1.shape[0], side)
+        if (paired and t1.shape[0] <= math.isqrt(2 * pairs_per_tile)
+                and lists_pairs(net, t1, side_inputs)):
+            # one tile: its listed pairs, about N^2 / 2, fit the budget
+            row_side = col_side = t1.shape[0]
     else:
         row_side = balanced_side(t1.shape[0], side)
         col_side = balanced_side(second.shape[0], side)
@@ -300,6 +304,10 @@ def kernel_block(
     mask1, mask2, adjacency1, adjacency2 = side
     if x2 is None:
         mask2 = adjacency2 = None
+    if x2 is None and paired and lists_pairs(net, x1, side):
+        block = listed_block(net, x1, names)
+        if block is not None:
+            return block
     initial = Kernel.from_inputs(x1, x2, with_ntk="ntk" in names, paired=paired,
                                  masks=(mask1, mask2), adjacencies=(adjacency1, adjacency2))
     check_finite_inputs_kernel(initial, x1, x2)
@@ -318,6 +326,32 @@ def kernel_block(
         block = {name: state.layout.grouped(value) for name, value in block.items()}
     return {name: 0.5 * (block[name] + transposed(block[name])) if x2 is None else block[name]
             for name in names}
+
+
+def lists_pairs(net: Any, x: torch.Tensor, side: SideInputs) -> bool:
+    """Whether the symmetric tile of images ``x`` (full spatial covariance) is computed on
+    its listed pairs ``i <= j`` (:class:`~widenets.kernel.PairList`): on the fast path,
+    without masks or adjacencies, with more than one example, when every layer of
+    ``net`` takes listed pairs."""
+    return (fast_paths_enabled() and x.shape[0] > 1 and all(v is None for v in side)
+            and all(layer.takes_pair_list() for layer in net.walk()))
+
+
+def listed_block(
+    net: Any, x: torch.Tensor, names: tuple[str, ...]
+) -> dict[str, torch.Tensor] | None:
+    """The requested kernels of the symmetric tile of ``x`` from its listed pairs: each
+    pair computed once, and the matrices symmetric exactly. ``None`` when the network's
+    output keeps positions (the caller computes the full tile)."""
+    pairs = PairList.upper(x.shape[0], x.device)
+    initial = Kernel.from_inputs(x, None, with_ntk="ntk" in names, pairs=pairs)
+    check_finite_inputs_kernel(initial, x, None)
+    state = net.transform(initial)
+    if not isinstance(state, Kernel) or state.layout.sizes:
+        return None
+    values = {"nngp": state.nngp} if state.ntk is None else {"nngp": state.nngp,
+                                                             "ntk": state.ntk}
+    return {name: pairs.scatter(values[name]) for name in names}
 
 
 class PositionalOutput(Exception):

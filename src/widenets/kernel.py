@@ -27,7 +27,8 @@ full spatial covariance, ``nngp[i, j, h, h', w, w'] = E[h(x1_i)[h, w] h(x2_j)[h'
 covariance of ``x1_i`` with itself; with the diagonal layout only equal positions are
 kept, ``nngp[i, j, h, w]`` and ``var1[i, h, w]``. In every layout
 ``nngp`` is ``(N1, N2, *layout)``, ``var1`` is ``(N1, *layout)`` and ``var2`` is
-``(N2, *layout)``.
+``(N2, *layout)``; a symmetric tile may instead list its pairs ``i <= j``
+(:class:`PairList`): ``nngp`` and ``ntk`` are then ``(P, *layout)``, one pair per row.
 """
 
 from __future__ import annotations
@@ -133,6 +134,37 @@ class Layout:
 DENSE = Layout()
 
 
+@dataclass(frozen=True)
+class PairList:
+    """The pairs ``(i, j)``, ``i <= j``, of a symmetric tile's examples, listed: moments
+    ``(P, *layout)`` then hold one pair per row instead of ``(N, N, *layout)``.
+
+    A symmetric kernel has ``K[j, i]`` the transpose of ``K[i, j]``, so half of the full
+    array repeats the other half; networks whose layers all take listed pairs
+    (:meth:`widenets.Layer.takes_pair_list`) compute each pair once. ``rows`` and
+    ``cols`` (``(P,)``) are the examples of each pair, ``diagonal`` (``(N,)``) the row
+    of each pair ``(i, i)`` in the order of the examples.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    diagonal: torch.Tensor
+
+    @classmethod
+    def upper(cls, count: int, device: torch.device) -> PairList:
+        """The pairs ``i <= j`` of ``count`` examples, row by row."""
+        rows, cols = torch.triu_indices(count, count, device=device)
+        return cls(rows, cols, torch.nonzero(rows == cols).squeeze(1))
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """The symmetric ``(N, N)`` matrix of per-pair scalars ``values`` ``(P,)``."""
+        count = self.diagonal.shape[0]
+        full = values.new_empty((count, count))
+        full[self.rows, self.cols] = values
+        full[self.cols, self.rows] = values
+        return full
+
+
 def batch_diagonal(moments: torch.Tensor) -> torch.Tensor:
     """The entries ``moments[i, i]`` of a symmetric kernel as a view ``(N, *layout)``."""
     return torch.diagonal(moments, dim1=0, dim2=1).movedim(-1, 0)
@@ -172,6 +204,9 @@ class Kernel:
     #: branches need it: their cross moment is the product of their means.
     mean1: torch.Tensor | None = None
     mean2: torch.Tensor | None = None
+    #: The listed pairs of a symmetric tile (``nngp`` and ``ntk`` are ``(P, *layout)``),
+    #: or ``None`` for the full ``(N1, N2, *layout)`` arrays. Kept by :meth:`replace`.
+    pairs: PairList | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -291,11 +326,44 @@ class Kernel:
         self, first: torch.Tensor, second: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position values of ``x1`` ``(N1, *sizes)`` and ``x2`` ``(N2, *sizes)``,
-        shaped to broadcast against ``nngp``."""
+        shaped to broadcast against ``nngp`` (for listed pairs, those of each pair's two
+        examples)."""
+        if self.pairs is not None:
+            return (self.layout.as_first(first)[self.pairs.rows],
+                    self.layout.as_second(second)[self.pairs.cols])
         return (
             self.layout.as_first(first).unsqueeze(1),
             self.layout.as_second(second).unsqueeze(0),
         )
+
+    def pair_counts(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """Products ``first[i] * second[j]`` of per-example values ``(N1,)``, ``(N2,)`` for
+        every pair of examples, shaped as ``nngp``'s batch axes."""
+        if self.pairs is not None:
+            return first[self.pairs.rows] * second[self.pairs.cols]
+        return first.unsqueeze(1) * second.unsqueeze(0)
+
+    def self_entries(self, moments: torch.Tensor) -> torch.Tensor:
+        """The entries ``moments[i, i]`` of a symmetric kernel, ``(N, *layout)``: a view of
+        full arrays, a copy for listed pairs."""
+        if self.pairs is not None:
+            return moments[self.pairs.diagonal]
+        return batch_diagonal(moments)
+
+    def fill_self_positions(self, moments: torch.Tensor, value: float) -> None:
+        """Set the entries of the pairs ``(i, i)`` at equal positions, ``moments[i, i, p,
+        p]`` (the variances of a symmetric kernel), to ``value``."""
+        if self.pairs is not None:
+            self.layout.positions(moments).index_fill_(0, self.pairs.diagonal, value)
+        else:
+            self.layout.positions(batch_diagonal(moments)).fill_(value)
+
+    def write_self_entries(self, moments: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` ``(N, *layout)`` into the entries ``moments[i, i]``."""
+        if self.pairs is not None:
+            moments.index_copy_(0, self.pairs.diagonal, values)
+        else:
+            batch_diagonal(moments).copy_(values)
 
     def pair_variances(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The variances ``K(x1_i, x1_i)[p, p]`` and ``K(x2_j, x2_j)[p', p']`` of each entry
@@ -320,6 +388,7 @@ class Kernel:
         paired: bool = False,
         masks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
         adjacencies: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+        pairs: PairList | None = None,
     ) -> Kernel:
         """The kernel of the raw inputs: ``x . x' / d`` for vectors ``(N, d)``; for images
         ``(N, C, *sizes)`` the channel mean ``sum_c x[c, p] x'[c, p'] / C`` per pair of
@@ -328,7 +397,11 @@ class Kernel:
         The inputs are deterministic, so the NTK (no parameters yet) is zero. ``masks``
         and ``adjacencies`` (checked by :mod:`widenets.side_inputs`; the second ``None``
         when ``x2`` is ``None``) are carried along, and masked positions count as zeros.
+        ``pairs``: listed pairs of ``x1`` with itself (images in the paired layout,
+        ``x2=None``, no masks or adjacencies).
         """
+        if pairs is not None:
+            return cls._listed_from_inputs(x1, with_ntk, pairs)
         if x1.ndim == 2:
             return cls._dense_from_inputs(x1, x2, with_ntk)
         mask1, mask2 = masks
@@ -374,6 +447,23 @@ class Kernel:
         ntk = torch.zeros_like(nngp) if with_ntk else None
         return cls(nngp, ntk, var1, var2, channels, is_gaussian=False, sources=frozenset(),
                    layout=layout)
+
+    @classmethod
+    def _listed_from_inputs(cls, x: torch.Tensor, with_ntk: bool, pairs: PairList) -> Kernel:
+        """:meth:`from_inputs` for the listed pairs of ``x`` with itself (the entries of
+        each pair ``(i, i)`` are ``var1[i]`` exactly, as in the full layout)."""
+        layout = Layout(tuple(x.shape[2:]), paired=True)
+        channels, flat = x.shape[1], x.flatten(2)  # (N, C, P)
+
+        def moments(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+            return layout.from_matrix(torch.bmm(first.transpose(1, 2), second) / channels)
+
+        var1 = moments(flat, flat)
+        nngp = moments(flat[pairs.rows], flat[pairs.cols])
+        nngp.index_copy_(0, pairs.diagonal, var1)
+        ntk = torch.zeros_like(nngp) if with_ntk else None
+        return cls(nngp, ntk, var1, None, channels, is_gaussian=False, sources=frozenset(),
+                   layout=layout, pairs=pairs)
 
     @classmethod
     def _dense_from_inputs(

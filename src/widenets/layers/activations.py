@@ -98,6 +98,9 @@ class Activation(Layer):
             mean1=self.mean_map(positions(k.var1)),
             mean2=None if k.var2 is None else self.mean_map(positions(k.var2)))
 
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(Activation)
+
     def _paired_maps(
         self, k: Kernel
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
@@ -113,19 +116,20 @@ class Activation(Layer):
         q1, q2 = k.pair_variances()
         inverse1 = gaussian.inverse_sqrt(layout.positions(k.var1))
         if k.var2 is None:
-            def equal_positions(moments: Tensor) -> Tensor:
-                return layout.positions(batch_diagonal(moments))
+            def equal_positions(rho: Tensor, value: Tensor | float) -> None:
+                k.fill_self_positions(rho, float(value))  # (numbers only, here)
 
             rho, c = fast_correlation(k.nngp, q1, q2, equal_positions, 1.0,
                                       k.pair_broadcast(inverse1, inverse1))
             nngp, ntk = self.pair_maps(q1, q2, c, rho, k.ntk)
-            return nngp, ntk, batch_diagonal(nngp).clone(), None
+            var1 = k.self_entries(nngp)
+            return nngp, ntk, var1 if k.pairs is not None else var1.clone(), None
         inverse2 = gaussian.inverse_sqrt(layout.positions(k.var2))
         both = torch.cat((k.var1, k.var2))
         inverse_both = torch.cat((inverse1, inverse2))
         s1, s2 = k.self_variances(both)
         self_rho, self_c = fast_correlation(
-            both, s1, s2, layout.positions, 1.0,
+            both, s1, s2, written_into(layout.positions), 1.0,
             (layout.as_first(inverse_both), layout.as_second(inverse_both)))
         mapped = self.pair_maps(s1, s2, self_c, self_rho, None)[0]
         rho, c = fast_correlation(k.nngp, q1, q2, None, 1.0, k.pair_broadcast(inverse1, inverse2))
@@ -140,7 +144,7 @@ class Activation(Layer):
         var2 = None if k.var2 is None else self._self_map(k, k.var2)[0]
         q1, q2 = k.pair_variances()
         if fast_paths_enabled():
-            known = batch_diagonal if k.symmetric else None
+            known = written_into(batch_diagonal) if k.symmetric else None
             rho, c = fast_correlation(k.nngp, q1, q2, known, self_rho)
             nngp, ntk = self.pair_maps(q1, q2, c, rho, k.ntk)
         else:  # the straightforward path
@@ -176,11 +180,28 @@ class Activation(Layer):
         return ActivationModule(self), input_shape
 
 
+#: Writes a value (a number, or a tensor of the entries' shape) into the known entries
+#: of a correlation tensor.
+KnownWriter = Callable[[Tensor, "Tensor | float"], object]
+
+
+def written_into(view: Callable[[Tensor], Tensor]) -> KnownWriter:
+    """The writer of known correlations into the view ``view(rho)``."""
+    def write(rho: Tensor, value: Tensor | float) -> None:
+        target = view(rho)
+        if isinstance(value, float):
+            target.fill_(value)
+        else:
+            target.copy_(value)
+
+    return write
+
+
 def fast_correlation(
     moments: Tensor,
     q1: Tensor,
     q2: Tensor,
-    known: Callable[[Tensor], Tensor] | None,
+    known: KnownWriter | None,
     known_rho: Tensor | float,
     inverse_std: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -191,15 +212,15 @@ def fast_correlation(
     has them already), so the correlation costs two multiplications and a clip; the
     snapping to +-1, which needs a pass of its own for a
     mask, runs only when the extreme correlations say some entry is that close. The
-    entries in the view ``known(rho)`` (the batch diagonal of a symmetric kernel, or the
-    equal positions of a self-covariance) are left out of that test and set to
+    entries that ``known(rho, value)`` writes (the batch diagonal of a symmetric kernel,
+    or the equal positions of a self-covariance) are left out of that test and set to
     ``known_rho`` (exactly 1 at equal positions).
     """
     if inverse_std is None:
         inverse_std = gaussian.inverse_sqrt(q1), gaussian.inverse_sqrt(q2)
     rho = torch.mul(moments, inverse_std[0]).mul_(inverse_std[1])
     if known is not None:
-        known(rho).zero_()
+        known(rho, 0.0)
     c = moments
     if rho.numel():
         tolerance = gaussian.snap_tolerance(rho.dtype)
@@ -209,10 +230,7 @@ def fast_correlation(
         if 1.0 - high <= tolerance or 1.0 + low <= tolerance:
             rho, c = gaussian.snap_to_unit(q1, q2, c, rho)
     if known is not None:
-        if isinstance(known_rho, float):
-            known(rho).fill_(known_rho)
-        else:
-            known(rho).copy_(known_rho)
+        known(rho, known_rho)
     return rho, c
 
 
@@ -240,6 +258,9 @@ class Identity(Activation):
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         return k
+
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(Identity)
 
 
 class ABReLU(Activation):

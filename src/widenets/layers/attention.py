@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from ..inputs import check_hyperparameter, check_positive_int, scale_value
-from ..kernel import Kernel, batch_diagonal
+from ..kernel import Kernel, PairList
 from ..paths import fast_paths_enabled
 from ..requirements import Needs, WeightIdentity
 from ..side_inputs import current_mask
@@ -345,6 +345,9 @@ class SelfAttention(Layer):
             return 1.0 - f, f * emb
         return 1.0, emb
 
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(SelfAttention) and bool(self.linear_scaling)
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
 
@@ -406,14 +409,15 @@ class SelfAttention(Layer):
 
         b2 = (self.b_std or 0.0) ** 2
         if self.linear_scaling:
-            out = self._linear_rule(var1, var2, nngp, ntk, mixed, valued, key_mask1, key_mask2)
+            out = self._linear_rule(var1, var2, nngp, ntk, mixed, valued, key_mask1, key_mask2,
+                                    k.pairs)
         else:
             out = self._identity_rule(var1, var2, nngp, ntk, mixed, valued, key_mask1,
                                       key_mask2, embedding is None)
         new_var1, new_var2, new_nngp, new_ntk = (_plus(m, b2) for m in out)
         assert new_var1 is not None and new_nngp is not None
         if var2 is None:
-            batch_diagonal(new_nngp).copy_(new_var1)
+            k.write_self_entries(new_nngp, new_var1)
         return k.replace(
             nngp=layout.from_matrix(new_nngp),
             ntk=None if new_ntk is None else layout.from_matrix(new_ntk),
@@ -426,9 +430,10 @@ class SelfAttention(Layer):
     def _linear_rule(
         self, var1: torch.Tensor, var2: torch.Tensor | None, nngp: torch.Tensor,
         ntk: torch.Tensor | None, mixed: _MomentMap, valued: _MomentMap,
-        mask1: torch.Tensor | None, mask2: torch.Tensor | None,
+        mask1: torch.Tensor | None, mask2: torch.Tensor | None, pairs: PairList | None,
     ) -> _Moments:
-        """``linear_scaling=True``: deterministic weights ``G_x = f(QK A_x)``."""
+        """``linear_scaling=True``: deterministic weights ``G_x = f(QK A_x)``; ``pairs``:
+        the moments are those of listed pairs (one product per pair)."""
         qk = self.W_query_std * self.W_key_std
         ov2 = (self.W_out_std * self.W_value_std) ** 2
         g1 = attention_weights(qk * mixed(var1), self.attention, self.causal, mask1)
@@ -438,6 +443,9 @@ class SelfAttention(Layer):
         scaled1 = ov2 * g1  # (the scale on the small factor: one pass less)
 
         def cross(moment: torch.Tensor) -> torch.Tensor:
+            if pairs is not None:
+                return torch.bmm(torch.bmm(scaled1[pairs.rows], moment),
+                                 g2[pairs.cols].transpose(1, 2))
             return sandwich(scaled1, moment, g2)
 
         def same(g: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,19 @@ class Layer:
         """Raise a ``ValueError`` if this layer cannot take these (checked) masks; for
         entry points that do not run the kernel rule (Monte Carlo). Accepts any."""
 
+    def takes_pair_list(self) -> bool:
+        """Whether this layer's kernel rule (on the fast path) takes the listed pairs of a
+        symmetric tile, moments ``(P, *layout)`` (:class:`~widenets.kernel.PairList`);
+        the engine lists the pairs of a tile only when every layer of the network does.
+        A rule that acts on the trailing (spatial) axes alone, or on each pair through
+        ``Kernel.pair_broadcast``, can say yes (see
+        ``own_rule``: a subclass with a rule of its own says no)."""
+        return False
+
+    def own_rule(self, cls: type[Layer]) -> bool:
+        """Whether this layer's kernel rule is that of ``cls`` (not a subclass's own)."""
+        return type(self).kernel_rule is cls.kernel_rule
+
     def after_channels_last(self) -> Layer | None:
         """This network without the :class:`~widenets.ChannelsLast` it starts with (the
         kernel entry points move the channels of its inputs first), or ``None`` if it does

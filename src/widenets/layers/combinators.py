@@ -52,6 +52,9 @@ class Sequential(Layer):
             k = layer.transform(k)
         return k
 
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(Sequential)  # (the engine asks each of its layers)
+
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:

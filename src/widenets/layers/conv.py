@@ -137,6 +137,9 @@ class Conv(WeightedLayer):
         )
         return self.affine_rule(averaged, fan_in=k.width * math.prod(self.kernel_size))
 
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(Conv)  # (sums over the spatial axes)
+
     def _check_keeps_positions(self) -> None:
         """Masks follow a convolution that keeps every position in place: stride 1 and a
         one-tap filter or zero padding ``"same"`` (which reads masked positions as the

@@ -154,6 +154,10 @@ class Linear(WeightedLayer):
     def weight_variance(self) -> float | torch.Tensor:
         return 1.0 if self.input_metric() is not None else self.W_std**2
 
+    def takes_pair_list(self) -> bool:
+        # (weighted features read the raw inputs)
+        return self.own_rule(Linear) and self.input_metric() is None
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
         if k.layout.sizes and not k.layout.items:

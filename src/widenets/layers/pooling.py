@@ -65,6 +65,9 @@ class AvgPool(Layer):
 
         return k.map_linear(pool).replace(layout=Layout(tuple(p.out for p in pads), True))
 
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(AvgPool)  # (sums over the spatial axes)
+
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
@@ -131,13 +134,16 @@ class GlobalAvgPool(Layer):
 
     needs = Needs(full_covariance=True)
 
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(GlobalAvgPool)
+
     def kernel_rule(self, k: KernelState) -> KernelState:
         k = single_kernel(k, self)
         _check_spatial(len(k.layout.sizes), self)
         axes = tuple(range(-k.layout.ndim, 0))
         count1, count2 = (real_positions(mask, var, k.layout.sizes)
                           for mask, var in ((k.mask1, k.var1), (k.second_mask, k.var2_or_var1)))
-        pairs = count1.unsqueeze(1) * count2.unsqueeze(0)
+        pairs = k.pair_counts(count1, count2)
         position_axes = tuple(range(1, 1 + len(k.layout.sizes)))
 
         def pooled(m: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
