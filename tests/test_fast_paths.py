@@ -211,7 +211,17 @@ LISTED_NETS = {
         wn.Conv2d(6, 2, padding="valid", W_std=1.3, b_std=0.2), wn.Identity(), a(),
         wn.GlobalAvgPool(), wn.Linear(1)),
 }
-LISTED_INPUTS = {"attention": (7, 3, 6), "cnn": (7, 2, 6, 5)}
+LISTED_NETS["transformer"] = lambda a: wn.Sequential(
+    wn.Conv1d(8, 1, W_std=1.2, b_std=0.1),
+    wn.Residual(wn.Sequential(wn.LayerNorm(), wn.SelfAttention(n_heads=2, b_std=0.1, channels=8))),
+    wn.Residual(wn.Sequential(wn.LayerNorm(), wn.Conv1d(16, 1), a(), wn.Dropout(0.2),
+                              wn.Conv1d(8, 1))),
+    wn.FanOut(2), wn.Parallel(wn.Conv1d(4, 1), wn.Sequential(wn.Conv1d(4, 3, padding="same"),
+                                                             a(), wn.Conv1d(4, 1))),
+    wn.FanInConcat(), wn.Conv1d(8, 1), wn.LayerNorm(), wn.FanOut(2),
+    wn.Parallel(wn.Conv1d(4, 1), wn.Conv1d(4, 1)), wn.FanInProd(), wn.Flatten(),
+    wn.Linear(1))
+LISTED_INPUTS = {"attention": (7, 3, 6), "cnn": (7, 2, 6, 5), "transformer": (7, 3, 5)}
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -241,9 +251,12 @@ def test_pairs_are_listed_only_where_every_layer_takes_them():
     assert not engine.lists_pairs(attention, x[:1], (None,) * 4)
     with straightforward():
         assert not engine.lists_pairs(attention, x, (None,) * 4)
-    for other in (wn.LayerNorm(), wn.Residual(wn.Conv1d(4, 1)), wn.Dropout(0.1),
-                  wn.SelfAttention(attention="identity", linear_scaling=False),
-                  wn.Linear(3, W_std=torch.ones(4))):
+    class OwnRule(wn.Conv1d):  # a subclass with a rule of its own is not asked to
+        def kernel_rule(self, k):
+            return super().kernel_rule(k)
+
+    for other in (wn.SelfAttention(attention="identity", linear_scaling=False), OwnRule(4, 1),
+                  wn.Aggregate(), wn.Residual(OwnRule(4, 1))):
         net = wn.Sequential(wn.Conv1d(4, 1), other, wn.GlobalAvgPool(), wn.Linear(1))
         assert not engine.lists_pairs(net, x, (None,) * 4), other
 

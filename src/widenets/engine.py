@@ -344,7 +344,7 @@ def listed_block(
     pair computed once, and the matrices symmetric exactly. ``None`` when the network's
     output keeps positions (the caller computes the full tile)."""
     pairs = PairList.upper(x.shape[0], x.device)
-    initial = Kernel.from_inputs(x, None, with_ntk="ntk" in names, pairs=pairs)
+    initial = Kernel.from_inputs(x, None, with_ntk="ntk" in names, paired=True, pairs=pairs)
     check_finite_inputs_kernel(initial, x, None)
     state = net.transform(initial)
     if not isinstance(state, Kernel) or state.layout.sizes:

@@ -350,6 +350,14 @@ class Kernel:
             return moments[self.pairs.diagonal]
         return batch_diagonal(moments)
 
+    def identical_examples(self) -> torch.Tensor:
+        """1.0 for the pairs ``(i, i)`` of a symmetric kernel, 0.0 for the others, shaped
+        as ``nngp``'s batch axes."""
+        if self.pairs is not None:
+            return (self.pairs.rows == self.pairs.cols).to(self.var1.dtype)
+        count = self.nngp.shape[0]
+        return torch.eye(count, dtype=self.var1.dtype, device=self.var1.device)
+
     def fill_self_positions(self, moments: torch.Tensor, value: float) -> None:
         """Set the entries of the pairs ``(i, i)`` at equal positions, ``moments[i, i, p,
         p]`` (the variances of a symmetric kernel), to ``value``."""

@@ -125,6 +125,9 @@ class Parallel(Layer):
         self._check_branches(len(k))
         return tuple(layer.transform(branch) for layer, branch in zip(self.layers, k))
 
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(Parallel)
+
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
@@ -150,6 +153,9 @@ class FanOut(Layer):
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         return (k,) * self.n
+
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(FanOut)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -265,6 +271,9 @@ class FanInSum(Layer):
                     mean2=None if merged.var2 is None else sum(means2))
         return merged
 
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(FanInSum)
+
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
@@ -289,6 +298,9 @@ class FanInProd(Layer):
                 for i in range(len(branches))
             )
         return _merge(branches, _product, ntk, is_gaussian=False)
+
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(FanInProd)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -322,6 +334,9 @@ class FanInConcat(Layer):
         ntk = None if first.ntk is None else mean([b.ntk for b in branches])
         return _merge(branches, mean, ntk, width=total,
                       is_gaussian=len(branches) == 1 and first.is_gaussian)
+
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(FanInConcat)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
@@ -363,6 +378,9 @@ class Residual(Layer):
 
     def kernel_rule(self, k: KernelState) -> KernelState:
         return self._composed.transform(k)
+
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(Residual)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None

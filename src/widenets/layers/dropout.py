@@ -86,9 +86,8 @@ class Dropout(Layer):
             return var * (1.0 + extra * same)
 
         if k.symmetric:
-            n = k.nngp.shape[0]
-            eye = torch.eye(n, dtype=like.dtype, device=like.device)
-            factor = 1.0 + extra * eye.reshape(n, n, *(1,) * k.layout.ndim) * same
+            identical = k.identical_examples()
+            factor = 1.0 + extra * identical.reshape(*identical.shape, *(1,) * k.layout.ndim) * same
             nngp = k.nngp * factor
             ntk = None if k.ntk is None else k.ntk * factor
         else:
@@ -100,6 +99,9 @@ class Dropout(Layer):
             var2=None if k.var2 is None else self_pairs(k.var2),
             is_gaussian=False,
         )
+
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(Dropout)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None

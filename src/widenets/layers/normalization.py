@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ..inputs import check_hyperparameter, scale_value
-from ..kernel import batch_diagonal
 from ..requirements import Needs
 from .base import KernelState, Layer, Shape, single_kernel, single_shape
 
@@ -53,13 +52,16 @@ class LayerNorm(Layer):
         var1 = self_normalised(k.var1, scale1)
         nngp = k.nngp * outer
         if k.symmetric:
-            batch_diagonal(nngp).copy_(var1)
+            k.write_self_entries(nngp, var1)
         return k.replace(
             nngp=nngp,
             ntk=None if k.ntk is None else k.ntk * outer,
             var1=var1,
             var2=None if k.var2 is None or scale2 is None else self_normalised(k.var2, scale2),
         )
+
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(LayerNorm)
 
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None

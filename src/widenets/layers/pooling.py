@@ -212,6 +212,9 @@ class Flatten(Layer):
         return flat.replace(layout=DENSE, width=k.width * math.prod(layout.sizes),
                             mask1=None, mask2=None, adjacency1=None, adjacency2=None)
 
+    def takes_pair_list(self) -> bool:
+        return self.own_rule(Flatten)  # (the equal positions of each pair)
+
     def build_module(
         self, input_shape: Shape, generator: torch.Generator | None
     ) -> tuple[nn.Module, Shape]:
