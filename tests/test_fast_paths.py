@@ -219,8 +219,9 @@ LISTED_NETS["transformer"] = lambda a: wn.Sequential(
     wn.FanOut(2), wn.Parallel(wn.Conv1d(4, 1), wn.Sequential(wn.Conv1d(4, 3, padding="same"),
                                                              a(), wn.Conv1d(4, 1))),
     wn.FanInConcat(), wn.Conv1d(8, 1), wn.LayerNorm(), wn.FanOut(2),
-    wn.Parallel(wn.Conv1d(4, 1), wn.Conv1d(4, 1)), wn.FanInProd(), wn.Flatten(),
-    wn.Linear(1))
+    wn.Parallel(wn.Conv1d(4, 1), wn.Conv1d(4, 1)), wn.FanInProd(), wn.FanOut(2),
+    wn.Parallel(wn.Sequential(wn.Conv1d(4, 1), a()), wn.Sequential(wn.Conv1d(4, 1), a())),
+    wn.FanInSum(), wn.Flatten(), wn.Linear(1))  # (a sum of independent means)
 LISTED_INPUTS = {"attention": (7, 3, 6), "cnn": (7, 2, 6, 5), "transformer": (7, 3, 5)}
 
 

@@ -4,8 +4,9 @@ called ``net`` here; the engine needs only its ``transform`` and ``walk``).
 It checks the inputs and arguments, chooses the dtype and the spatial layout (from the
 needs the layers declare, :mod:`widenets.requirements`), plans the tiles (one planner,
 :mod:`widenets.tiling`), runs the layers' kernel rules on each tile, symmetrises the
-diagonal tiles of ``x2=None`` and copies the others' transposes, and refuses
-non-finite results. The layers only transform kernel states (``Layer.transform``).
+diagonal tiles of ``x2=None`` (or computes them on their listed pairs ``i <= j`` where
+every layer takes them) and copies the others' transposes, and refuses non-finite
+results. The layers only transform kernel states (``Layer.transform``).
 """
 
 from __future__ import annotations

@@ -369,7 +369,8 @@ def check_consistency(net: Layer, x1: torch.Tensor, x2: torch.Tensor) -> dict[st
 
 def check_fast_paths(net: Layer, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, float]:
     """The fast paths equal the straightforward ones (``widenets.paths.straightforward()``)
-    to ``FAST_PATH_RTOL`` relative to ``sqrt(K_ii K_jj)``, for ``x2=None`` and given.
+    to ``FAST_PATH_RTOL`` relative to ``sqrt(K_ii K_jj)``, for ``x2=None`` and given
+    (``x2=None`` computes the listed pairs ``i <= j`` where every layer takes them).
 
     Returns the largest normalised difference per kernel.
     """
