@@ -243,12 +243,33 @@ def test_listed_pairs_equal_the_full_tile(monkeypatch, kind, activation):
         assert torch.equal(listed[name], listed[name].T)
 
 
+@pytest.mark.parametrize("kind", ["attention", "transformer"])
+def test_listed_pairs_with_masks_equal_the_full_tile(monkeypatch, kind):
+    """Variable-length sequences: the listed pairs carry the mask (padding ignored by
+    attention and pooling, zero entries after every layer) as the full arrays do."""
+    net = LISTED_NETS[kind](wn.ReLU)
+    x = torch.randn(*LISTED_INPUTS[kind], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[4, 1:] = False
+    mask[5, :2] = False
+    listed = net.kernel(x, get=("nngp", "ntk"), mask1=mask)
+    monkeypatch.setattr(engine, "lists_pairs", lambda *args: False)
+    full = net.kernel(x, get=("nngp", "ntk"), mask1=mask)
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(listed[name], full[name], rtol=RTOL, atol=0)
+        assert torch.equal(listed[name], listed[name].T)
+
+
 def test_pairs_are_listed_only_where_every_layer_takes_them():
     x = torch.randn(4, 2, 5, dtype=torch.float64)
     attention = LISTED_NETS["attention"](wn.ReLU)
     assert engine.lists_pairs(attention, x, (None,) * 4)
     mask = torch.ones(4, 5, dtype=torch.bool)
-    assert not engine.lists_pairs(attention, x, (mask, mask, None, None))
+    assert engine.lists_pairs(attention, x, (mask, mask, None, None))
+    adjacency = torch.ones(4, 5, 5, dtype=torch.float64)
+    assert not engine.lists_pairs(attention, x, (None, None, adjacency, adjacency))
     assert not engine.lists_pairs(attention, x[:1], (None,) * 4)
     with straightforward():
         assert not engine.lists_pairs(attention, x, (None,) * 4)

@@ -306,7 +306,7 @@ def kernel_block(
     if x2 is None:
         mask2 = adjacency2 = None
     if x2 is None and paired and lists_pairs(net, x1, side):
-        block = listed_block(net, x1, names)
+        block = listed_block(net, x1, names, mask1)
         if block is not None:
             return block
     initial = Kernel.from_inputs(x1, x2, with_ntk="ntk" in names, paired=paired,
@@ -332,20 +332,22 @@ def kernel_block(
 def lists_pairs(net: Any, x: torch.Tensor, side: SideInputs) -> bool:
     """Whether the symmetric tile of images ``x`` (full spatial covariance) is computed on
     its listed pairs ``i <= j`` (:class:`~widenets.kernel.PairList`): on the fast path,
-    without masks or adjacencies, with more than one example, when every layer of
-    ``net`` takes listed pairs."""
-    return (fast_paths_enabled() and x.shape[0] > 1 and all(v is None for v in side)
+    without adjacencies (masks are taken), with more than one example, when every layer
+    of ``net`` takes listed pairs."""
+    adjacencies = side[2:]
+    return (fast_paths_enabled() and x.shape[0] > 1 and all(a is None for a in adjacencies)
             and all(layer.takes_pair_list() for layer in net.walk()))
 
 
 def listed_block(
-    net: Any, x: torch.Tensor, names: tuple[str, ...]
+    net: Any, x: torch.Tensor, names: tuple[str, ...], mask: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor] | None:
-    """The requested kernels of the symmetric tile of ``x`` from its listed pairs: each
-    pair computed once, and the matrices symmetric exactly. ``None`` when the network's
-    output keeps positions (the caller computes the full tile)."""
+    """The requested kernels of the symmetric tile of ``x`` (with its ``mask``) from its
+    listed pairs: each pair computed once, and the matrices symmetric exactly. ``None``
+    when the network's output keeps positions (the caller computes the full tile)."""
     pairs = PairList.upper(x.shape[0], x.device)
-    initial = Kernel.from_inputs(x, None, with_ntk="ntk" in names, paired=True, pairs=pairs)
+    initial = Kernel.from_inputs(x, None, with_ntk="ntk" in names, paired=True,
+                                 masks=(mask, None), pairs=pairs)
     check_finite_inputs_kernel(initial, x, None)
     state = net.transform(initial)
     if not isinstance(state, Kernel) or state.layout.sizes:

@@ -406,10 +406,8 @@ class Kernel:
         and ``adjacencies`` (checked by :mod:`widenets.side_inputs`; the second ``None``
         when ``x2`` is ``None``) are carried along, and masked positions count as zeros.
         ``pairs``: listed pairs of ``x1`` with itself (images in the paired layout,
-        ``x2=None``, no masks or adjacencies).
+        ``x2=None``).
         """
-        if pairs is not None:
-            return cls._listed_from_inputs(x1, with_ntk, pairs)
         if x1.ndim == 2:
             return cls._dense_from_inputs(x1, x2, with_ntk)
         mask1, mask2 = masks
@@ -417,7 +415,10 @@ class Kernel:
             x1 = x1 * mask1.unsqueeze(1).to(x1.dtype)
         if x2 is not None and mask2 is not None:
             x2 = x2 * mask2.unsqueeze(1).to(x2.dtype)
-        kernel = cls._positional_from_inputs(x1, x2, with_ntk, paired)
+        if pairs is not None:
+            kernel = cls._listed_from_inputs(x1, with_ntk, pairs)
+        else:
+            kernel = cls._positional_from_inputs(x1, x2, with_ntk, paired)
         return dataclasses.replace(kernel, mask1=mask1, mask2=mask2,
                                    adjacency1=adjacencies[0], adjacency2=adjacencies[1])
 
