@@ -262,6 +262,23 @@ def test_listed_pairs_with_masks_equal_the_full_tile(monkeypatch, kind):
         assert torch.equal(listed[name], listed[name].T)
 
 
+@pytest.mark.parametrize("channels", [2, 9])  # fewer, and more, channels than positions
+def test_listed_input_moments_are_those_of_the_full_tile(channels):
+    from widenets.kernel import Kernel, PairList, batch_diagonal
+
+    x = torch.randn(5, channels, 2, 3, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(9))
+    pairs = PairList.upper(5, x.device)
+    listed = Kernel.from_inputs(x, None, with_ntk=True, paired=True, pairs=pairs)
+    full = Kernel.from_inputs(x, None, with_ntk=True, paired=True)
+    assert listed.pairs is pairs and listed.nngp.shape == (15, 2, 2, 3, 3)
+    torch.testing.assert_close(listed.nngp, full.nngp[pairs.rows, pairs.cols], rtol=1e-14,
+                               atol=0)
+    assert torch.equal(listed.nngp[pairs.diagonal], listed.var1)
+    assert torch.equal(listed.var1, batch_diagonal(full.nngp))
+    assert torch.equal(pairs.scatter(torch.arange(15.0)), pairs.scatter(torch.arange(15.0)).T)
+
+
 def test_pairs_are_listed_only_where_every_layer_takes_them():
     x = torch.randn(4, 2, 5, dtype=torch.float64)
     attention = LISTED_NETS["attention"](wn.ReLU)

@@ -415,16 +415,14 @@ class Kernel:
             x1 = x1 * mask1.unsqueeze(1).to(x1.dtype)
         if x2 is not None and mask2 is not None:
             x2 = x2 * mask2.unsqueeze(1).to(x2.dtype)
-        if pairs is not None:
-            kernel = cls._listed_from_inputs(x1, with_ntk, pairs)
-        else:
-            kernel = cls._positional_from_inputs(x1, x2, with_ntk, paired)
+        kernel = cls._positional_from_inputs(x1, x2, with_ntk, paired, pairs)
         return dataclasses.replace(kernel, mask1=mask1, mask2=mask2,
                                    adjacency1=adjacencies[0], adjacency2=adjacencies[1])
 
     @classmethod
     def _positional_from_inputs(
-        cls, x1: torch.Tensor, x2: torch.Tensor | None, with_ntk: bool, paired: bool
+        cls, x1: torch.Tensor, x2: torch.Tensor | None, with_ntk: bool, paired: bool,
+        pairs: PairList | None = None,
     ) -> Kernel:
         channels, sizes = x1.shape[1], tuple(x1.shape[2:])
         layout = Layout(sizes, paired)
@@ -445,7 +443,16 @@ class Kernel:
             return out.permute(interleaved).contiguous() / channels
 
         var1 = moments(first, first, same_example=True)
-        if x2 is None:
+        if pairs is not None:
+            # each pair from its two examples, unless that gathers more numbers (channels
+            # than positions) than the full moments, whose pairs are read then
+            if channels <= first.shape[2]:
+                nngp = moments(first[pairs.rows], first[pairs.cols], same_example=True)
+            else:
+                nngp = moments(first, first, same_example=False)[pairs.rows, pairs.cols]
+            nngp.index_copy_(0, pairs.diagonal, var1)
+            var2 = None
+        elif x2 is None:
             nngp = moments(first, first, same_example=False)
             batch_diagonal(nngp).copy_(var1)
             var2 = None
@@ -455,23 +462,6 @@ class Kernel:
             var2 = moments(second, second, same_example=True)
         ntk = torch.zeros_like(nngp) if with_ntk else None
         return cls(nngp, ntk, var1, var2, channels, is_gaussian=False, sources=frozenset(),
-                   layout=layout)
-
-    @classmethod
-    def _listed_from_inputs(cls, x: torch.Tensor, with_ntk: bool, pairs: PairList) -> Kernel:
-        """:meth:`from_inputs` for the listed pairs of ``x`` with itself (the entries of
-        each pair ``(i, i)`` are ``var1[i]`` exactly, as in the full layout)."""
-        layout = Layout(tuple(x.shape[2:]), paired=True)
-        channels, flat = x.shape[1], x.flatten(2)  # (N, C, P)
-
-        def moments(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-            return layout.from_matrix(torch.bmm(first.transpose(1, 2), second) / channels)
-
-        var1 = moments(flat, flat)
-        nngp = moments(flat[pairs.rows], flat[pairs.cols])
-        nngp.index_copy_(0, pairs.diagonal, var1)
-        ntk = torch.zeros_like(nngp) if with_ntk else None
-        return cls(nngp, ntk, var1, None, channels, is_gaussian=False, sources=frozenset(),
                    layout=layout, pairs=pairs)
 
     @classmethod
