@@ -210,8 +210,8 @@ def fast_correlation(
     The inverse standard deviations are taken of the variances ``q1``, ``q2`` (per
     example and position, broadcast against ``moments``; ``inverse_std`` when the caller
     has them already), so the correlation costs two multiplications and a clip; the
-    snapping to +-1, which needs a pass of its own for a
-    mask, runs only when the extreme correlations say some entry is that close. The
+    snapping to +-1, which needs a pass of its own for a mask, runs only when the
+    extreme correlations say some entry is that close. The
     entries that ``known(rho, value)`` writes (the batch diagonal of a symmetric kernel,
     or the equal positions of a self-covariance) are left out of that test and set to
     ``known_rho`` (exactly 1 at equal positions).

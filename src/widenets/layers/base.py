@@ -64,8 +64,8 @@ class Layer:
         symmetric tile, moments ``(P, *layout)`` (:class:`~widenets.kernel.PairList`);
         the engine lists the pairs of a tile only when every layer of the network does.
         A rule that acts on the trailing (spatial) axes alone, or on each pair through
-        ``Kernel.pair_broadcast``, can say yes (see
-        ``own_rule``: a subclass with a rule of its own says no)."""
+        ``Kernel.pair_broadcast``, can say yes; with ``own_rule``, a subclass that writes
+        a rule of its own says no."""
         return False
 
     def own_rule(self, cls: type[Layer]) -> bool:

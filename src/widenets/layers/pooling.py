@@ -143,7 +143,7 @@ class GlobalAvgPool(Layer):
         axes = tuple(range(-k.layout.ndim, 0))
         count1, count2 = (real_positions(mask, var, k.layout.sizes)
                           for mask, var in ((k.mask1, k.var1), (k.second_mask, k.var2_or_var1)))
-        pairs = k.pair_counts(count1, count2)
+        pair_counts = k.pair_counts(count1, count2)
         position_axes = tuple(range(1, 1 + len(k.layout.sizes)))
 
         def pooled(m: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,8 @@ class GlobalAvgPool(Layer):
             return None if mean is None else mean.sum(dim=position_axes) / counts
 
         return k.replace(
-            nngp=pooled(k.nngp, pairs), ntk=None if k.ntk is None else pooled(k.ntk, pairs),
+            nngp=pooled(k.nngp, pair_counts),
+            ntk=None if k.ntk is None else pooled(k.ntk, pair_counts),
             var1=pooled(k.var1, count1 * count1),
             var2=None if k.var2 is None else pooled(k.var2, count2 * count2),
             layout=DENSE, mask1=None, mask2=None, adjacency1=None, adjacency2=None,
