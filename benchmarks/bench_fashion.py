@@ -29,6 +29,7 @@ import torch
 from widenets.architectures import mlp
 from widenets.datasets import DEBIAN_FASHION_MNIST, load_idx, one_hot_targets, unit_mean_square
 from widenets.predict import gp_inference
+from widenets.predict.common import relative_diag_reg
 
 #: The scikit-learn benchmark's best classical result on Fashion-MNIST (an RBF SVC).
 SVC_ACCURACY = 0.897
@@ -47,7 +48,8 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=10_000)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--relative-reg", type=float, default=1e-2,
-                        help="diag_reg as a fraction of the kernel's diagonal")
+                        help="diag_reg as a fraction of the mean kernel diagonal of the "
+                             "first 100 training inputs (as widenets predict)")
     parser.add_argument("--output", default="benchmarks/results/fashion.json")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -65,9 +67,7 @@ def main() -> None:
         "memory_limit": args.memory_limit, "load_seconds": loaded, "kernels": {},
     }
     for get in ("nngp", "ntk"):
-        # every input has the same norm, so every diagonal entry of the kernel is equal
-        diagonal = float(net.kernel(x[:1], get=get)[0, 0])
-        reg = args.relative_reg * diagonal
+        reg = relative_diag_reg(net, x, get, args.relative_reg)
         start = time.perf_counter()
         posterior = gp_inference(net, x, y, diag_reg=reg, store=Path(args.store),
                                  memory_limit=args.memory_limit, progress=True)

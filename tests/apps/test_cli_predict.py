@@ -85,3 +85,17 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert main(["predict", "--data", str(folder), "--store", str(tmp_path / "s"),
                  "--memory-limit", "1KiB", "--no-progress"]) == 1
     assert "the minimum is" in capsys.readouterr().err
+
+
+def test_relative_diag_reg_is_a_fraction_of_the_mean_diagonal_of_the_first_inputs():
+    from widenets.predict.common import DIAGONAL_SAMPLE, relative_diag_reg
+
+    net = kernel_architecture("fc", 2, 1.5, 0.1, "relu")
+    x = torch.randn(DIAGONAL_SAMPLE + 30, 5, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    x[DIAGONAL_SAMPLE:] *= 10  # inputs past the sample do not count
+    for get in ("nngp", "ntk"):
+        diagonal = torch.stack([net.kernel(x[i:i + 1], get=get)[0, 0]
+                                for i in range(DIAGONAL_SAMPLE)])
+        assert relative_diag_reg(net, x, get, 0.01) == pytest.approx(
+            0.01 * float(diagonal.mean()), rel=1e-12)

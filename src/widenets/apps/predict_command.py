@@ -159,6 +159,7 @@ def run_predict_command(args: argparse.Namespace) -> int:
     import torch
 
     from ..predict import gp_inference
+    from ..predict.common import relative_diag_reg
 
     def error(message: str, status: int = 2) -> int:
         print(f"widenets predict: error: {message}", file=sys.stderr)
@@ -188,9 +189,8 @@ def run_predict_command(args: argparse.Namespace) -> int:
           f"{args.arch}, depth {args.depth}, {args.activation}")
     try:
         for get in args.get:
-            sample = x_train[:min(len(x_train), 100)]
-            diagonal = float(net.kernel(sample, get=get).diagonal().mean())
-            reg = 1e-2 * diagonal if args.diag_reg is None else args.diag_reg
+            reg = (relative_diag_reg(net, x_train, get, 1e-2) if args.diag_reg is None
+                   else args.diag_reg)
             start = time.perf_counter()
             posterior = gp_inference(
                 net, x_train, y_train, diag_reg=reg,

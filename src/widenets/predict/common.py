@@ -46,6 +46,18 @@ def as_targets(
     return t, is_vector
 
 
+#: Training inputs whose kernel diagonal sets a relative ``diag_reg``.
+DIAGONAL_SAMPLE = 100
+
+
+def relative_diag_reg(net: Layer, x_train: Tensor, get: str, fraction: float) -> float:
+    """``diag_reg`` as ``fraction`` of the mean diagonal of the ``get`` kernel over the
+    first :data:`DIAGONAL_SAMPLE` training inputs (their kernel with themselves): the
+    regularisation of ``widenets predict`` and of the Fashion-MNIST benchmark."""
+    sample = x_train[:DIAGONAL_SAMPLE]
+    return fraction * float(net.kernel(sample, get=get).diagonal().mean())
+
+
 def restore_shape(values: Tensor, like_vector: bool) -> Tensor:
     return values[..., 0] if like_vector else values
 
