@@ -31,10 +31,12 @@ def undifferentiated(q: Tensor) -> bool:
     """Whether no derivative of ``q`` is taken: it does not require gradients, and is
     neither a ``torch.func`` transform's tensor nor seen inside a forward-mode level."""
     return (not q.requires_grad and forward_ad._current_level < 0
-            and not _is_functorch_wrapped(q))
+            and not is_functorch_wrapped(q))
 
 
-def _is_functorch_wrapped(tensor: Tensor) -> bool:
+def is_functorch_wrapped(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is seen through a ``torch.func`` transform (``grad``, ``jvp``,
+    ``vmap``): a wrapper without storage, whose values cannot decide anything."""
     is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(is_wrapped is not None and is_wrapped(tensor))
 

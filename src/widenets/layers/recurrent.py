@@ -38,6 +38,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from ..gaussian import is_functorch_wrapped
 from ..inputs import check_hyperparameter, check_positive_int
 from ..kernel import Kernel, Layout, batch_diagonal
 from ..requirements import Needs
@@ -58,13 +59,6 @@ def check_right_padded(mask: torch.Tensor | None, name: str) -> None:
             f"{name} must be right-padded for a recurrent layer: the real steps of each "
             "sequence first, then the padding (True ... True False ... False)"
         )
-
-
-def _traced(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is seen through a ``torch.func`` transform (``vmap`` of the Monte
-    Carlo kernels), where its values cannot decide anything: masks are checked before."""
-    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(is_wrapped is not None and is_wrapped(tensor))
 
 
 def _fronts(length1: int, length2: int, tied: bool,
@@ -370,7 +364,7 @@ class FiniteRecurrent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = current_mask(x)
-        if mask is not None and not _traced(mask):
+        if mask is not None and not is_functorch_wrapped(mask):  # (vmap of Monte Carlo)
             check_right_padded(mask, "mask")
         state = x.new_zeros((x.shape[0], self.width))
         states = []
@@ -506,7 +500,7 @@ class FiniteLastStep(nn.Module):
         mask = current_mask(x)
         if mask is None:
             return x[:, :, -1]
-        if not _traced(mask):
+        if not is_functorch_wrapped(mask):  # (masks are checked before vmap)
             check_right_padded(mask, "mask")
         last = mask.sum(dim=1) - 1
         picked = x[torch.arange(x.shape[0], device=x.device), :, last.clamp_min(0)]
