@@ -4,56 +4,40 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 #: Architectures of ``widenets kernel`` and ``widenets predict``.
 KERNEL_ARCHITECTURES = ("fc", "cnn-gap", "cnn-flatten")
 
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+T = TypeVar("T")
 
 
-def nonnegative_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+def _bounded(parse: Callable[[str], T], accept: Callable[[T], bool],
+             expected: str) -> Callable[[str], T]:
+    """An argparse type: ``parse(text)`` where ``accept`` takes it, otherwise the error
+    "expected {expected}, got {text!r}"."""
+    def convert(text: str) -> T:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
 
 
-def nonnegative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+#: An argparse type: an integer >= 1.
+positive_int = _bounded(int, lambda v: v >= 1, "a positive integer")
+#: An argparse type: an integer >= 0.
+nonnegative_int = _bounded(int, lambda v: v >= 0, "a non-negative integer")
+#: An argparse type: a finite number >= 0.
+nonnegative_float = _bounded(float, lambda v: math.isfinite(v) and v >= 0,
+                             "a non-negative number")
+#: An argparse type: a finite number > 0.
+positive_float = _bounded(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 def kernel_names(text: str) -> tuple[str, ...]:
