@@ -59,6 +59,24 @@ def kernel_architecture(arch: str, depth: int, W_std: float, b_std: float, activ
     return cnn(depth, activation, 1, arch.removeprefix("cnn-"), W_std, b_std)
 
 
+def add_architecture_arguments(parser: argparse.ArgumentParser, depth: int, W_std: float,
+                               W_std_shown: str = "%(default)s") -> None:
+    """The options of :func:`kernel_architecture` (``--arch``, ``--depth``, ``--W-std``,
+    ``--b-std``, ``--activation``), with this subcommand's defaults."""
+    parser.add_argument("--arch", choices=KERNEL_ARCHITECTURES, default="fc",
+                        help="fully connected, or 3x3 convolutions ('same' padding) ending "
+                             "in global average pooling or flattening (default: %(default)s)")
+    parser.add_argument("--depth", type=positive_int, default=depth,
+                        help="hidden layers, each followed by the activation, before the "
+                             "linear read-out (default: %(default)s)")
+    parser.add_argument("--W-std", dest="W_std", type=positive_float, default=W_std,
+                        help=f"weight scale of every layer (default: {W_std_shown})")
+    parser.add_argument("--b-std", dest="b_std", type=nonnegative_float, default=0.05,
+                        help="bias scale of every layer (default: %(default)s)")
+    parser.add_argument("--activation", choices=("relu", "erf"), default="relu",
+                        help="activation after each hidden layer (default: %(default)s)")
+
+
 def memory_size(text: str) -> int:
     """An argparse type: bytes of memory, as MiB for a plain number (``600``) or with a
     unit (``600MiB``, ``20GiB``, ``1.5GB``)."""

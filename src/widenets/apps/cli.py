@@ -31,11 +31,10 @@ import numpy as np
 
 from ..version import __version__
 from .arguments import (
-    KERNEL_ARCHITECTURES,
+    add_architecture_arguments,
     kernel_architecture,
     kernel_names,
     memory_size,
-    nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -256,18 +255,7 @@ def add_kernel_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument("--data2", default=None, metavar="digits|PATH.npy",
                         help="second inputs, for K(data, data2) (default: data itself, "
                              "computing only the tiles on and above the diagonal)")
-    parser.add_argument("--arch", choices=KERNEL_ARCHITECTURES, default="fc",
-                        help="fully connected, or 3x3 convolutions ('same' padding) ending "
-                             "in global average pooling or flattening (default: %(default)s)")
-    parser.add_argument("--depth", type=positive_int, default=2,
-                        help="hidden layers, each followed by the activation, before the "
-                             "linear read-out (default: %(default)s)")
-    parser.add_argument("--W-std", dest="W_std", type=positive_float, default=1.5,
-                        help="weight scale of every layer (default: %(default)s)")
-    parser.add_argument("--b-std", dest="b_std", type=nonnegative_float, default=0.05,
-                        help="bias scale of every layer (default: %(default)s)")
-    parser.add_argument("--activation", choices=("relu", "erf"), default="relu",
-                        help="activation after each hidden layer (default: %(default)s)")
+    add_architecture_arguments(parser, depth=2, W_std=1.5)
     parser.add_argument("--get", type=kernel_names, default=("ntk",), metavar="nngp|ntk|nngp,ntk",
                         help="which kernels (default: ntk)")
     parser.add_argument("--store", required=True, metavar="OUT.zarr",

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import (
-    KERNEL_ARCHITECTURES,
+    add_architecture_arguments,
     kernel_architecture,
     kernel_names,
     memory_size,
     nonnegative_float,
-    positive_float,
     positive_int,
 )
 
@@ -52,15 +51,7 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                         help="use the first N training examples")
     parser.add_argument("--n-test", type=positive_int, default=None, metavar="M",
                         help="use the first M test examples")
-    parser.add_argument("--arch", choices=KERNEL_ARCHITECTURES, default="fc",
-                        help="as for 'widenets kernel' (default: %(default)s)")
-    parser.add_argument("--depth", type=positive_int, default=3,
-                        help="hidden layers (default: %(default)s)")
-    parser.add_argument("--W-std", dest="W_std", type=positive_float, default=2 ** 0.5,
-                        help="weight scale of every layer (default: sqrt(2))")
-    parser.add_argument("--b-std", dest="b_std", type=nonnegative_float, default=0.05,
-                        help="bias scale of every layer (default: %(default)s)")
-    parser.add_argument("--activation", choices=("relu", "erf"), default="relu")
+    add_architecture_arguments(parser, depth=3, W_std=2 ** 0.5, W_std_shown="sqrt(2)")
     parser.add_argument("--get", type=kernel_names, default=("nngp", "ntk"),
                         metavar="nngp|ntk|nngp,ntk", help="which kernels (default: both)")
     parser.add_argument("--diag-reg", type=nonnegative_float, default=None, metavar="R",
